@@ -1,0 +1,38 @@
+"""cgpn: person re-identification with CGPN (Mao et al., arXiv 2010.07675).
+
+The short API::
+
+    from cgpn import build_model, evaluate, load_config, train
+    model = build_model("cgpn", num_classes=751)          # the network of Fig. 2
+    result = evaluate(distmat, q_pids, g_pids, q_camids, g_camids)
+    print(result.summary())
+"""
+
+from cgpn.config import Config, load_config
+from cgpn.data.datasets import build_dataset, generate_synthetic
+from cgpn.engine.checkpoint import load_model
+from cgpn.engine.evaluation import evaluate_model
+from cgpn.engine.trainer import train
+from cgpn.errors import CgpnError
+from cgpn.losses import CGPNLoss
+from cgpn.metrics.rank import RankResult, evaluate, pairwise_distance
+from cgpn.model import CGPN, build_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CGPN",
+    "CGPNLoss",
+    "CgpnError",
+    "Config",
+    "RankResult",
+    "build_dataset",
+    "build_model",
+    "evaluate",
+    "evaluate_model",
+    "generate_synthetic",
+    "load_config",
+    "load_model",
+    "pairwise_distance",
+    "train",
+]

@@ -1,0 +1,267 @@
+"""Every setting of cgpn, with its default, in one place.
+
+A run is configured in three layers, later ones winning: the defaults below, a YAML file (which may
+inherit another through ``_base_``), then ``--set section.key=value`` overrides on the command line.
+The resolved config is saved as ``config.yaml`` beside every run and embedded in its checkpoints.
+Numbers in comments refer to the paper (``shared/paper/cgpn-paper.md``) or to SPEC.md's points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cgpn.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "EngineConfig",
+    "LossConfig",
+    "ModelConfig",
+    "SolverConfig",
+    "TestConfig",
+    "apply_overrides",
+    "load_config",
+    "save_config",
+]
+
+
+@dataclass
+class ModelConfig:
+    """The network. ``name`` picks a variant; ``None`` fields take that variant's value (SPEC, Table 2)."""
+
+    name: str = "cgpn"  # cgpn | cgpn1 | cgpn2 | cgpn3 | cgpn4 | mgn
+    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 (torchvision)
+    pretrained: bool | str = True  # ImageNet weights: true (torchvision download/cache), false, or a .pth path
+    global_part: str | None = None  # supervised | unsupervised | pooled | none
+    local_part: str | None = None  # coarse | fine | mgn | none: a row of model.cgpn.STRIPES
+    last_stride: list[int] | None = None  # layer4 stride per branch (SPEC 1); cgpn: [1, 1, 1], mgn: [2, 1, 1]
+    pooling: str = "max"  # max | avg, for every global and stripe pooling (SPEC 2)
+    reduce_dim: int = 256  # size of each reduced feature (SPEC 3)
+    triplet_on: str = "reduced"  # reduced (256-d) | pooled (before reduction) (SPEC 4)
+
+
+@dataclass
+class LossConfig:
+    """Eq. 4: L = L_softmax + L_triplet + L_mse, each term with a weight of 1 in the paper."""
+
+    triplet_margin: float = 1.2  # alpha in eq. 2
+    label_smoothing: float = 0.0  # SPEC 6: plain cross-entropy
+    mse_reduction: str = "mean"  # mean (nn.MSELoss) | sum (eq. 3 as written, per sample) (SPEC 5)
+    mse_detach_target: bool = True  # f_gl are targets only (SPEC 5)
+    ce_weight: float = 1.0
+    triplet_weight: float = 1.0
+    mse_weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how batches are drawn."""
+
+    dataset: str = "market1501"  # a name in cgpn.data.datasets.DATASETS
+    root: str = "data"  # folder that holds the data set
+    height: int = 384
+    width: int = 128
+    batch_size: int = 64  # P x K (paper: 8 x 8)
+    num_instances: int = 8  # K images per identity
+    epoch_mode: str = "identities"  # identities (every id once per epoch) | images (len(train) // batch) (SPEC 7)
+    workers: int = 4  # data loader processes
+    flip_prob: float = 0.5  # random horizontal flip, the paper's only augmentation
+    random_erasing: float = 0.0  # probability; off in the paper recipe (SPEC 9)
+    pad: int = 0  # pixels of padding before a random crop back to size; 0 = off
+    color_jitter: bool = False
+    test_batch_size: int = 128
+
+
+@dataclass
+class SolverConfig:
+    """Section 4.2: SGD, momentum 0.9, weight decay 5e-4, lr 1e-2 decayed x0.1 at epochs 60 and 80, 240 epochs."""
+
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    milestones: list[int] = field(default_factory=lambda: [60, 80])
+    gamma: float = 0.1
+    epochs: int = 240
+    warmup_epochs: int = 0  # linear warm-up; 0 in the paper (SPEC 9)
+
+
+@dataclass
+class TestConfig:
+    """How features are extracted and ranked at test time."""
+
+    flip: bool = True  # average features of the image and its mirror (Section 4.2)
+    distance: str = "cosine"  # cosine (L2-normalised Euclidean, SPEC 8) | euclidean (raw)
+    max_rank: int = 50
+    rerank: bool = False  # k-reciprocal re-ranking (Zhong et al. 2017); off in the paper
+    rerank_k1: int = 20
+    rerank_k2: int = 6
+    rerank_lambda: float = 0.3
+
+
+@dataclass
+class EngineConfig:
+    """The training loop around the model."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    deterministic: bool = False
+    eval_period: int = 0  # evaluate every N epochs (0: only at the end)
+    eval_at_start: bool = False  # evaluate the untrained network first (shows what training adds)
+    log_period: int = 10  # iterations between log lines
+    checkpoint_period: int = 1  # epochs between checkpoints
+    threads: int = 0  # torch CPU threads; 0 = PyTorch's default
+
+
+@dataclass
+class Config:
+    """A whole run. ``output_dir`` receives config.yaml, checkpoints and logs."""
+
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        cfg = cls()
+        _merge(cfg, values, prefix="")
+        return cfg
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _allowed(tp: Any) -> tuple[type, ...]:
+    """Runtime types a value may have for annotation ``tp`` (``int`` is accepted where ``float`` is)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(tp) for t in _allowed(arg))
+    if origin is list:
+        return (list,)
+    if tp is float:
+        return (float, int)
+    if tp is type(None):
+        return (type(None),)
+    return (tp,)
+
+
+def _list_item_type(tp: Any) -> Any:
+    """The item type of the ``list[...]`` inside annotation ``tp`` (``Any`` if there is none)."""
+    if typing.get_origin(tp) is list:
+        return (typing.get_args(tp) or (Any,))[0]
+    for arg in typing.get_args(tp):
+        if typing.get_origin(arg) is list:
+            return (typing.get_args(arg) or (Any,))[0]
+    return Any
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` if it fits annotation ``tp`` (ints widened to float), else raise ConfigError."""
+    allowed = _allowed(tp)
+    if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+        names = " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in allowed}))
+        raise ConfigError(f"config key '{key}' expects {names}, got {value!r} ({type(value).__name__})")
+    if tp is float:
+        return float(value)
+    if isinstance(value, list):
+        item_tp = _list_item_type(tp)
+        if item_tp is not Any:
+            return [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    return value
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {values!r}")
+    hints = _field_types(obj)
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise _unknown_key(full, list(hints))
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _check_value(full, value, hints[key]))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config, resolving ``_base_: other.yaml`` (relative to the file) recursively."""
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist (expected a YAML file such as configs/demo.yaml)")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file '{path}' inherits itself through _base_")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    merged = _read_yaml((path.parent / base), (*seen, path.resolve()))
+    _deep_update(merged, data)
+    return merged
+
+
+def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _deep_update(dst[key], value)
+        else:
+            dst[key] = value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings (values parsed as YAML: ``1e-3``, ``[60, 80]``, ``false``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. solver.lr=0.001)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _merge(cfg, nested, prefix="")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``."""
+    cfg = Config()
+    if path is not None:
+        _merge(cfg, _read_yaml(Path(path)), prefix="")
+    return apply_overrides(cfg, overrides or [])
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (what ``load_config`` reads back to the same values)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

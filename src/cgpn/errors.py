@@ -1,0 +1,41 @@
+"""Errors a user can cause. Each says, in one line, what was expected, what was found and what to do.
+
+The CLI prints ``str(err)`` and exits with status 2; tracebacks are shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CgpnError",
+    "CheckpointError",
+    "ConfigError",
+    "DatasetError",
+    "ImageError",
+    "PretrainedWeightsError",
+]
+
+
+class CgpnError(Exception):
+    """Base class of every user-facing error in cgpn."""
+
+    exit_code = 2
+
+
+class ConfigError(CgpnError):
+    """A config file, key or value that is not valid."""
+
+
+class DatasetError(CgpnError):
+    """A data folder, split file or file name that does not match the expected layout."""
+
+
+class ImageError(CgpnError):
+    """An image file that cannot be decoded."""
+
+
+class CheckpointError(CgpnError):
+    """A checkpoint that is missing, corrupt, or of another model."""
+
+
+class PretrainedWeightsError(CgpnError):
+    """ImageNet weights that cannot be downloaded or loaded."""
