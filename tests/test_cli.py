@@ -1,0 +1,76 @@
+"""The command line: verbs listed, and every user mistake of issue 3 ends in one line with exit status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cgpn.cli import main
+
+VERBS = ("synth", "train", "eval", "show")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cgpn", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300)
+
+
+def test_help_lists_the_verbs():
+    result = _run("--help")
+    assert result.returncode == 0
+    assert all(verb in result.stdout for verb in VERBS)
+
+
+def test_error_is_one_line_with_exit_2_and_debug_shows_the_traceback(tmp_path):
+    result = _run("train", "--config", "configs/demo.yaml", "--set", f"data.root={tmp_path / 'missing'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "data root" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    debug = _run("--debug", "train", "--config", "configs/demo.yaml", "--set", f"data.root={tmp_path / 'missing'}")
+    assert "Traceback" in debug.stderr
+
+
+def _error_line(capsys, *argv: str) -> str:
+    code = main(["-q", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len([line for line in err if "error:" in line]) == 1
+    return next(line for line in err if "error:" in line)
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("model.name=cgpn7", "unknown model 'cgpn7'"),
+    ("model.backbone=resnet5", "unknown backbone 'resnet5'"),
+    ("model.bakbone=resnet18", "unknown config key 'model.bakbone'; did you mean 'backbone'"),
+    ("data.batch_size=10", "must be a multiple of data.num_instances"),
+])
+def test_config_mistakes(capsys, tiny_synth, tmp_path, override, needle):
+    line = _error_line(capsys, "train", "--config", "configs/demo.yaml", "--set", f"data.root={tiny_synth}",
+                       "--set", f"output_dir={tmp_path}", "--set", override)
+    assert needle in line
+
+
+def test_malformed_data_folder(capsys, tmp_path):
+    (tmp_path / "bounding_box_train").mkdir()
+    (tmp_path / "query").mkdir()
+    line = _error_line(capsys, "eval", "--config", "configs/demo.yaml", "--set", f"data.root={tmp_path}")
+    assert "missing bounding_box_test/" in line and "0002_c1s1_000451_00.jpg" in line
+
+
+def test_unparseable_file_name(capsys, tiny_synth, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_synth, root)
+    (root / "query" / "person.jpg").write_bytes((next((root / "query").iterdir())).read_bytes())
+    line = _error_line(capsys, "eval", "--config", "configs/demo.yaml", "--set", f"data.root={root}")
+    assert "cannot parse" in line and "person.jpg" in line
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    line = _error_line(capsys, "eval", "--checkpoint", str(tmp_path / "none.pt"))
+    assert "does not exist" in line
