@@ -44,9 +44,9 @@ PATTERNS = ("solid", "hstripes", "vstripes", "checker", "split")
 class SyntheticSpec:
     """Settings of ``cgpn synth`` (flags of the same names, ``-`` for ``_``)."""
 
-    train_ids: int = 100  # identities in bounding_box_train
-    test_ids: int = 100  # identities in query + bounding_box_test
-    images_per_id: int = 12  # images of each identity, spread over the cameras
+    train_ids: int = 64  # identities in bounding_box_train
+    test_ids: int = 50  # identities in query + bounding_box_test
+    images_per_id: int = 10  # images of each identity, spread over the cameras
     cameras: int = 4
     height: int = 128  # image size in pixels (Market-1501: 128 x 64)
     width: int = 64
