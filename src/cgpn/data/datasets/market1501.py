@@ -1,0 +1,20 @@
+"""Market-1501 (Zheng et al., ICCV 2015): 751 training and 750 test identities, 6 cameras.
+
+Layout: ``Market-1501-v15.09.15/{bounding_box_train,query,bounding_box_test}``; names like
+``0002_c1s1_000451_00.jpg``. Official counts: train 12,936 images / 751 ids; query 3,368 / 750;
+gallery 15,913 with the pid-0000 distractors (19,732 before dropping the pid -1 junk).
+"""
+
+from __future__ import annotations
+
+from cgpn.data.datasets.base import MarketLayoutDataset
+
+__all__ = ["Market1501"]
+
+
+class Market1501(MarketLayoutDataset):
+    """Market-1501 reader; ``root`` is the folder that holds ``Market-1501-v15.09.15`` (or that folder)."""
+
+    name = "market1501"
+    folder_names = ("Market-1501-v15.09.15", "Market-1501", "market1501")
+    num_cameras = 6
