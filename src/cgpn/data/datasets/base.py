@@ -181,8 +181,9 @@ class MarketLayoutDataset(ReidDataset):
 
     @classmethod
     def find_dataset_dir(cls, root: Path) -> Path:
-        """``root`` itself if it holds the subset folders, else ``root/<one of folder_names>``."""
-        for candidate in (root, *(root / name for name in cls.folder_names)):
+        """``root`` if it holds the subset folders, else ``root/<name>`` or ``root/<name>/<name>`` (torchreid)."""
+        nested = [root / a / b for a in cls.folder_names for b in cls.folder_names]
+        for candidate in (root, *(root / name for name in cls.folder_names), *nested):
             if all((candidate / s).is_dir() for s in cls.subsets):
                 return candidate
         if not root.is_dir():

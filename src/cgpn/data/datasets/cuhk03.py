@@ -8,7 +8,8 @@ Two forms are read, labeled (hand-drawn boxes, the paper's choice) or detected (
     ``cuhk03_new_protocol_config_{labeled,detected}.mat`` (MATLAB v5: ``filelist`` names
     ``P_PPP_C_II.png`` = pair, person, camera, image; ``labels``; ``camId``; 1-based ``train_idx``,
     ``query_idx``, ``gallery_idx``). The images are written once as PNG files under those names into
-    a cache folder (``images_labeled/`` beside the .mat, or ``data.cuhk03_cache``);
+    a cache folder (``images_labeled/`` beside ``cuhk03_release/`` as torchreid does, or
+    ``data.cuhk03_cache``), once: a folder that already holds every listed image is reused;
 (b) the Market-style release ``cuhk03-np/{labeled,detected}/{bounding_box_train,query,bounding_box_test}``
     with names like ``0001_c1_1.png`` (pid = the protocol's label, camera 1 or 2).
 
@@ -19,6 +20,7 @@ gallery 5,328 / 5,332 of 700 ids.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,6 @@ OFFICIAL = {
     "labeled": {"train": (767, 7368), "query": (700, 1400), "gallery": (700, 5328)},
     "detected": {"train": (767, 7365), "query": (700, 1400), "gallery": (700, 5332)},
 }
-_COMPLETE = ".complete"  # written into the cache folder once every image is extracted
 
 
 @dataclass
@@ -110,17 +111,14 @@ def _is_hdf5(path: Path) -> bool:
 
 
 def extract_cuhk03_images(mat_path: Path, variant: str, out_dir: Path, progress: bool = True) -> set[str]:
-    """Write every ``variant`` image of ``cuhk-03.mat`` to ``out_dir`` as ``P_PPP_C_II.png``, once.
+    """Write every ``variant`` image of ``cuhk-03.mat`` to ``out_dir`` as ``P_PPP_C_II.png``.
 
     The .mat stores MATLAB arrays transposed (HDF5 is row-major): a pair's M x 10 cell reads as
-    (10, M) references, an H x W x 3 image as (3, W, H). A folder that already holds a finished
-    extraction is reused. Returns the names written.
+    (10, M) references, an H x W x 3 image as (3, W, H). Files appear complete or not at all
+    (written to a temporary name, then renamed). Returns the names written.
     """
     import h5py
 
-    marker = out_dir / _COMPLETE
-    if marker.is_file():
-        return {n for n in marker.read_text().split()}
     expected = f"the official MATLAB v7.3 {RAW_MAT} with cells 'labeled' and 'detected'"
     if not _is_hdf5(mat_path):
         header = mat_path.read_bytes()[:40].decode("latin-1").split(",")[0].strip() or "an empty file"
@@ -149,7 +147,6 @@ def extract_cuhk03_images(mat_path: Path, variant: str, out_dir: Path, progress:
             Image.fromarray(np.ascontiguousarray(pixels.transpose(2, 1, 0)).astype(np.uint8)).save(tmp, format="PNG")
             tmp.replace(out_dir / name)
             names.append(name)
-    marker.write_text("\n".join(names))
     logger.info("extracted %d %s images from %s to %s", len(names), variant, mat_path, out_dir)
     return set(names)
 
@@ -196,8 +193,10 @@ class CUHK03(ReidDataset):
         else:
             mat_path, config_path = self._find_mat_files(root)
             protocol = read_protocol(config_path)  # checked before anything is written
-            image_dir = Path(cache_dir).expanduser() if cache_dir else mat_path.parent / f"images_{self.variant}"
-            names = extract_cuhk03_images(mat_path, self.variant, image_dir, progress=progress)
+            image_dir = Path(cache_dir).expanduser() if cache_dir else self.default_cache(mat_path, self.variant)
+            names = set(os.listdir(image_dir)) if image_dir.is_dir() else set()
+            if not names.issuperset(protocol.filelist):  # extract once; a finished cache is reused
+                names |= extract_cuhk03_images(mat_path, self.variant, image_dir, progress=progress)
             absent = [n for n in protocol.filelist if n not in names]
             if absent:
                 raise DatasetError(f"'{config_path}' lists {len(absent)} images that the '{self.variant}' cell of "
@@ -207,6 +206,12 @@ class CUHK03(ReidDataset):
             train, query, gallery = protocol.samples(image_dir)
             where = {n: f"{config_path} ({n}_idx)" for n in ("train", "query", "gallery")}
         super().__init__(train, query, gallery, where=where, verify_counts=verify_counts)
+
+    @staticmethod
+    def default_cache(mat_path: Path, variant: str) -> Path:
+        """``images_{variant}/`` beside the .mat, or beside ``cuhk03_release/`` (where torchreid puts it)."""
+        base = mat_path.parent.parent if mat_path.parent.name == "cuhk03_release" else mat_path.parent
+        return base / f"images_{variant}"
 
     def _find_np_folder(self, root: Path) -> Path | None:
         """The ``labeled``/``detected`` folder of a Market-style release under ``root``, if any."""

@@ -25,7 +25,7 @@ class DukeMTMC(MarketLayoutDataset):
     """
 
     name = "dukemtmc"
-    folder_names = ("DukeMTMC-reID", "dukemtmc-reid", "dukemtmc")
+    folder_names = ("DukeMTMC-reID", "dukemtmc-reid", "dukemtmc")  # torchreid: dukemtmc-reid/DukeMTMC-reID
     example_name = "0001_c2_f0046182.jpg"
     junk_pids = ()
     num_cameras = 8

@@ -71,12 +71,16 @@ def make_split(images: list[_Image], test_ids: float, seed: int) -> dict[str, li
         rng = np.random.default_rng([seed, _hash(seed, name)])
         remaining = sorted(by_id[name])
         cams = sorted({c for _, _, c in remaining}, key=_sort_key)
+        queries: list[_Image] = []
         for cam in (cams[i] for i in rng.permutation(len(cams))):
             own = [im for im in remaining if im[2] == cam]
-            if any(im[2] != cam for im in remaining):
-                pick = own[rng.integers(len(own))]
-                split["query"].append(pick)
-                remaining.remove(pick)
+            pick = own[rng.integers(len(own))]
+            rest = [im for im in remaining if im != pick]
+            # keep the pick only if every query still has a gallery image from another camera
+            if all(any(g[2] != q[2] for g in rest) for q in (*queries, pick)):
+                queries.append(pick)
+                remaining = rest
+        split["query"] += queries
         split["gallery"] += remaining
     return split
 
