@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from _reid_trees import (
     MSMT_TRAIN,
     as_tuples,
@@ -17,7 +18,6 @@ from _reid_trees import (
     torchreid_module,
     write_images,
 )
-
 from cgpn.config import DataConfig
 from cgpn.data.datasets import (
     DATASETS,
@@ -213,7 +213,7 @@ def test_folder_errors(tmp_path: Path) -> None:
     (tmp_path / "q" / "0001").mkdir(parents=True)
     with pytest.raises(DatasetError, match=r"identity folder '.*0001' holds no image .*it is empty"):
         FolderDataset(tmp_path / "q")
-    with pytest.raises(ConfigError, match="data.folder_camera_regex"):
+    with pytest.raises(ConfigError, match=r"data\.folder_camera_regex"):
         FolderDataset(tmp_path / "p", camera_regex="(")
 
 

@@ -196,9 +196,9 @@ class MarketLayoutDataset(ReidDataset):
                            f"{cls.example_name}; {describe_folder(base)})")
 
     @classmethod
-    def parse_name(cls, path: Path) -> tuple[int, int]:
-        """(pid, camid from 0) from a file name, or a DatasetError naming the file."""
-        match = cls.filename_re.match(path.name)
+    def parse_name(cls, path: str) -> tuple[int, int]:
+        """(pid, camid from 0) from a file's name, or a DatasetError naming the file."""
+        match = cls.filename_re.match(os.path.basename(path))
         if match is None:
             raise DatasetError(f"cannot parse '{path}': expected a name like {cls.example_name} "
                                f"(pid, then _c and the camera)")
@@ -214,11 +214,11 @@ class MarketLayoutDataset(ReidDataset):
         """Every image of ``folder`` as a Sample, junk dropped, sorted by path. No image is opened."""
         samples = []
         for name in scan_images(folder):
-            path = folder / name
+            path = os.path.join(folder, name)
             pid, camid = cls.parse_name(path)
             if pid in cls.junk_pids:
                 continue
-            samples.append(Sample(str(path), pid, camid))
+            samples.append(Sample(path, pid, camid))
         if not samples:
             raise DatasetError(f"'{folder}' holds no usable image (expected files like {cls.example_name}; "
                                f"{describe_folder(folder)})")

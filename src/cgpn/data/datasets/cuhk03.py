@@ -61,8 +61,10 @@ class CUHK03Protocol:
     def samples(self, image_dir: Path) -> tuple[list[Sample], list[Sample], list[Sample]]:
         """(train relabelled, query, gallery) with paths ``image_dir/<filelist name>``."""
 
+        folder = str(image_dir)
+
         def pick(idx: np.ndarray) -> list[Sample]:
-            return sorted(Sample(str(image_dir / self.filelist[i]), int(self.labels[i]), int(self.cam_ids[i]) - 1)
+            return sorted(Sample(os.path.join(folder, self.filelist[i]), int(self.labels[i]), int(self.cam_ids[i]) - 1)
                           for i in idx)
 
         return relabel(pick(self.train_idx)), pick(self.query_idx), pick(self.gallery_idx)
@@ -199,7 +201,7 @@ class CUHK03(ReidDataset):
                 names |= extract_cuhk03_images(mat_path, self.variant, image_dir, progress=progress)
             absent = [n for n in protocol.filelist if n not in names]
             if absent:
-                raise DatasetError(f"'{config_path}' lists {len(absent)} images that the '{self.variant}' cell of "
+                raise DatasetError(f"'{config_path}' lists {len(absent)} image(s) that the '{self.variant}' cell of "
                                    f"'{mat_path}' does not hold, e.g. {absent[0]} (expected the split file of the "
                                    f"same variant; cache '{image_dir}')")
             self.dataset_dir = image_dir
