@@ -9,7 +9,9 @@ import sys
 import types
 from pathlib import Path
 
+import h5py
 import numpy as np
+import scipy.io
 from PIL import Image
 
 
@@ -88,6 +90,92 @@ def msmt_tree(root: Path, version: str = "MSMT17_V1") -> Path:
         write_images(folder, [line.split()[0] for line in lines])
         (base / list_name).write_text("\n".join(lines) + "\n")
     return base
+
+
+# --- cuhk-03.mat, written the way MATLAB v7.3 stores cell arrays -------------------------------------
+# HDF5 with a 512-byte MATLAB header; cells are datasets of object references into ``#refs#``; arrays
+# are stored transposed (an H x W x 3 image as (3, W, H), the 5 x 1 cell ``labeled`` as (1, 5)); an
+# empty cell is uint64 [0 0] with ``MATLAB_empty``.
+
+PAIRS = [3, 2, 1, 1, 1]  # persons per camera pair (the real file: 843, 440, 77, 58, 49)
+EMPTY = {("labeled", 0, 1, 9), ("detected", 0, 1, 9), ("detected", 1, 0, 4)}  # (variant, pair, person, image)
+MATLAB_HEADER = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 ."
+
+
+def cuhk03_image(variant: str, pair: int, person: int, image: int) -> np.ndarray:
+    """A distinct H x W x 3 image per cell (sizes differ, so a transposition error shows)."""
+    rng = np.random.default_rng([len(variant), pair, person, image])
+    return rng.integers(0, 256, size=(7 + image, 3 + pair, 3), dtype=np.uint8)
+
+
+def write_cuhk03_mat(path: Path) -> None:
+    """A cuhk-03.mat with MATLAB v7.3's layout: cells of object references, arrays stored transposed."""
+    with h5py.File(path, "w", userblock_size=512) as f:
+        refs = f.create_group("#refs#")
+
+        def put(data: np.ndarray, cls: str, empty: bool = False) -> h5py.Reference:
+            ds = refs.create_dataset(str(len(refs)), data=data)
+            ds.attrs["MATLAB_class"] = np.bytes_(cls)
+            if empty:
+                ds.attrs["MATLAB_empty"] = np.uint8(1)
+            return ds.ref
+
+        for variant in ("detected", "labeled"):
+            pair_refs = []
+            for pair, persons in enumerate(PAIRS):
+                cell = np.empty((10, persons), dtype=h5py.ref_dtype)  # MATLAB persons x 10, transposed
+                for person in range(persons):
+                    for image in range(10):
+                        if (variant, pair, person, image) in EMPTY:
+                            cell[image, person] = put(np.zeros(2, dtype=np.uint64), "double", empty=True)
+                        else:
+                            cell[image, person] = put(cuhk03_image(variant, pair, person, image).T, "uint8")
+                pair_refs.append(put(cell, "cell"))
+            top = f.create_dataset(variant, data=np.array([pair_refs], dtype=h5py.ref_dtype))  # 5 x 1 -> (1, 5)
+            top.attrs["MATLAB_class"] = np.bytes_("cell")
+        testsets = f.create_dataset("testsets", data=np.array([[put(np.array([[1.0, 1.0], [3.0, 2.0]]), "double")]],
+                                                              dtype=h5py.ref_dtype))
+        testsets.attrs["MATLAB_class"] = np.bytes_("cell")
+    with path.open("r+b") as f:
+        f.write(MATLAB_HEADER.ljust(124) + b"\x00\x02IM")
+
+
+def write_split(path: Path, variant: str) -> None:
+    """A new-protocol split file for the cells above: persons 1, 2, 4, 6 train; 3, 5, 7 test."""
+    names, labels, cams = [], [], []
+    label = 0
+    for pair, persons in enumerate(PAIRS):
+        for person in range(persons):
+            label += 1
+            for image in range(10):
+                if (variant, pair, person, image) not in EMPTY:
+                    names.append(f"{pair + 1}_{person + 1:03d}_{1 if image < 5 else 2}_{image + 1:02d}.png")
+                    labels.append(label)
+                    cams.append(1 if image < 5 else 2)
+    labels_arr = np.array(labels)
+    train = [i for i, lab in enumerate(labels) if lab in (1, 2, 4, 6)]
+    query = [next(i for i, (lab, c) in enumerate(zip(labels, cams)) if lab == t and c == cam)
+             for t in (3, 5, 7) for cam in (1, 2)]
+    gallery = [i for i in range(len(names)) if labels_arr[i] in (3, 5, 7) and i not in query]
+    filelist = np.empty((len(names), 1), dtype=object)
+    for i, n in enumerate(names):
+        filelist[i, 0] = np.array([n])
+    col = lambda xs, dt: np.array(xs, dtype=dt).reshape(-1, 1)  # noqa: E731
+    scipy.io.savemat(path, {"filelist": filelist, "labels": col(labels, np.uint16), "camId": col(cams, np.uint8),
+                            "train_idx": col([i + 1 for i in train], np.uint16),
+                            "query_idx": col([i + 1 for i in query], np.uint16),
+                            "gallery_idx": col([i + 1 for i in gallery], np.uint16)})
+
+
+def cuhk03_official_tree(root: Path) -> Path:
+    """torchreid's layout: cuhk03/cuhk03_release/cuhk-03.mat + cuhk03/cuhk03_new_protocol_config_*.mat."""
+    base = root / "cuhk03"
+    (base / "cuhk03_release").mkdir(parents=True)
+    write_cuhk03_mat(base / "cuhk03_release" / "cuhk-03.mat")
+    for variant in ("labeled", "detected"):
+        write_split(base / f"cuhk03_new_protocol_config_{variant}.mat", variant)
+    return base
+
 
 
 def torchreid_module(name: str) -> types.ModuleType:

@@ -1,10 +1,5 @@
-"""CUHK03 new protocol: the real split files, the real mini images, and a small cuhk-03.mat written here.
-
-The .mat is written the way MATLAB v7.3 stores cell arrays (HDF5 with a 512-byte MATLAB header; cells
-are datasets of object references into ``#refs#``; arrays transposed, so an H x W x 3 image is stored
-as (3, W, H) and the 5 x 1 cell ``labeled`` as (1, 5); empty cells are uint64 [0 0] with
-``MATLAB_empty``). torchreid's CUHK03 reader is the reference for extraction and split.
-"""
+"""CUHK03 new protocol: the real split files, the real mini images, and a small cuhk-03.mat written here
+(see ``_reid_trees.write_cuhk03_mat``); torchreid's CUHK03 reader is the reference for extraction and split."""
 
 from __future__ import annotations
 
@@ -18,7 +13,16 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from _reid_trees import as_tuples, same_up_to_relabel, torchreid_module, write_images
+from _reid_trees import (
+    as_tuples,
+    cuhk03_image,
+    cuhk03_official_tree,
+    same_up_to_relabel,
+    torchreid_module,
+    write_cuhk03_mat,
+    write_images,
+    write_split,
+)
 from cgpn.config import DataConfig
 from cgpn.data.datasets import CUHK03, build_dataset
 from cgpn.data.datasets.base import subset_stats
@@ -80,7 +84,7 @@ def test_reader_gives_official_counts_from_real_split(tmp_path: Path, splits: Pa
 
 def test_real_mini_images(shared_data: Path, splits: Path) -> None:
     root = shared_data / "cuhk03-np-mini"
-    ds = build_dataset("cuhk03", root, DataConfig(verify_counts="off"))
+    ds = build_dataset("cuhk03", root, DataConfig(verify_counts="ignore"))
     assert [subset_stats(s) for s in (ds.train, ds.query, ds.gallery)] == [(50, 476, 2), (50, 100, 2), (50, 385, 2)]
     assert sorted({s.pid for s in ds.train}) == list(range(50))
     # every file agrees with the protocol: name {pid}_c{cam}s1_{index} -> labels/camId/subset of filelist[index]
@@ -104,8 +108,8 @@ def test_np_folder_variant_and_missing_subset(tmp_path: Path) -> None:
         write_images(base / "bounding_box_train", [f"0001_c{cams}_1.png", "0002_c1_2.png"])
         write_images(base / "query", ["0005_c1_1.png"])
         write_images(base / "bounding_box_test", ["0005_c2_1.png"])
-    assert CUHK03(tmp_path, labeled=True, verify_counts="off").dataset_dir.name == "labeled"
-    detected = CUHK03(tmp_path, labeled=False, verify_counts="off")
+    assert CUHK03(tmp_path, labeled=True, verify_counts="ignore").dataset_dir.name == "labeled"
+    detected = CUHK03(tmp_path, labeled=False, verify_counts="ignore")
     assert detected.dataset_dir.name == "detected" and {s.camid for s in detected.train} == {0, 1}
     shutil.rmtree(tmp_path / "cuhk03-np" / "detected" / "query")
     with pytest.raises(DatasetError, match=r"detected' is not a cuhk03 folder: missing query/"):
@@ -113,86 +117,6 @@ def test_np_folder_variant_and_missing_subset(tmp_path: Path) -> None:
 
 
 # --- cuhk-03.mat (HDF5) ----------------------------------------------------------------------------------
-
-PAIRS = [3, 2, 1, 1, 1]  # persons per camera pair (the real file: 843, 440, 77, 58, 49)
-EMPTY = {("labeled", 0, 1, 9), ("detected", 0, 1, 9), ("detected", 1, 0, 4)}  # (variant, pair, person, image)
-MATLAB_HEADER = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 ."
-
-
-def _image(variant: str, pair: int, person: int, image: int) -> np.ndarray:
-    """A distinct H x W x 3 image per cell (sizes differ, so a transposition error shows)."""
-    rng = np.random.default_rng([len(variant), pair, person, image])
-    return rng.integers(0, 256, size=(7 + image, 3 + pair, 3), dtype=np.uint8)
-
-
-def write_cuhk03_mat(path: Path) -> None:
-    """A cuhk-03.mat with MATLAB v7.3's layout: cells of object references, arrays stored transposed."""
-    with h5py.File(path, "w", userblock_size=512) as f:
-        refs = f.create_group("#refs#")
-
-        def put(data: np.ndarray, cls: str, empty: bool = False) -> h5py.Reference:
-            ds = refs.create_dataset(str(len(refs)), data=data)
-            ds.attrs["MATLAB_class"] = np.bytes_(cls)
-            if empty:
-                ds.attrs["MATLAB_empty"] = np.uint8(1)
-            return ds.ref
-
-        for variant in ("detected", "labeled"):
-            pair_refs = []
-            for pair, persons in enumerate(PAIRS):
-                cell = np.empty((10, persons), dtype=h5py.ref_dtype)  # MATLAB persons x 10, transposed
-                for person in range(persons):
-                    for image in range(10):
-                        if (variant, pair, person, image) in EMPTY:
-                            cell[image, person] = put(np.zeros(2, dtype=np.uint64), "double", empty=True)
-                        else:
-                            cell[image, person] = put(_image(variant, pair, person, image).T, "uint8")
-                pair_refs.append(put(cell, "cell"))
-            top = f.create_dataset(variant, data=np.array([pair_refs], dtype=h5py.ref_dtype))  # 5 x 1 -> (1, 5)
-            top.attrs["MATLAB_class"] = np.bytes_("cell")
-        testsets = f.create_dataset("testsets", data=np.array([[put(np.array([[1.0, 1.0], [3.0, 2.0]]), "double")]],
-                                                              dtype=h5py.ref_dtype))
-        testsets.attrs["MATLAB_class"] = np.bytes_("cell")
-    with path.open("r+b") as f:
-        f.write(MATLAB_HEADER.ljust(124) + b"\x00\x02IM")
-
-
-def write_split(path: Path, variant: str) -> None:
-    """A new-protocol split file for the cells above: persons 1, 2, 4, 6 train; 3, 5, 7 test."""
-    names, labels, cams = [], [], []
-    label = 0
-    for pair, persons in enumerate(PAIRS):
-        for person in range(persons):
-            label += 1
-            for image in range(10):
-                if (variant, pair, person, image) not in EMPTY:
-                    names.append(f"{pair + 1}_{person + 1:03d}_{1 if image < 5 else 2}_{image + 1:02d}.png")
-                    labels.append(label)
-                    cams.append(1 if image < 5 else 2)
-    labels_arr = np.array(labels)
-    train = [i for i, lab in enumerate(labels) if lab in (1, 2, 4, 6)]
-    query = [next(i for i, (lab, c) in enumerate(zip(labels, cams)) if lab == t and c == cam)
-             for t in (3, 5, 7) for cam in (1, 2)]
-    gallery = [i for i in range(len(names)) if labels_arr[i] in (3, 5, 7) and i not in query]
-    filelist = np.empty((len(names), 1), dtype=object)
-    for i, n in enumerate(names):
-        filelist[i, 0] = np.array([n])
-    col = lambda xs, dt: np.array(xs, dtype=dt).reshape(-1, 1)  # noqa: E731
-    scipy.io.savemat(path, {"filelist": filelist, "labels": col(labels, np.uint16), "camId": col(cams, np.uint8),
-                            "train_idx": col([i + 1 for i in train], np.uint16),
-                            "query_idx": col([i + 1 for i in query], np.uint16),
-                            "gallery_idx": col([i + 1 for i in gallery], np.uint16)})
-
-
-def official_tree(root: Path) -> Path:
-    """torchreid's layout: cuhk03/cuhk03_release/cuhk-03.mat + cuhk03/cuhk03_new_protocol_config_*.mat."""
-    base = root / "cuhk03"
-    (base / "cuhk03_release").mkdir(parents=True)
-    write_cuhk03_mat(base / "cuhk03_release" / "cuhk-03.mat")
-    for variant in ("labeled", "detected"):
-        write_split(base / f"cuhk03_new_protocol_config_{variant}.mat", variant)
-    return base
-
 
 def test_written_mat_looks_like_matlab_v73(tmp_path: Path) -> None:
     path = tmp_path / "cuhk-03.mat"
@@ -208,9 +132,9 @@ def test_written_mat_looks_like_matlab_v73(tmp_path: Path) -> None:
 @pytest.mark.parametrize("variant", ["labeled", "detected"])
 def test_mat_extraction_matches_torchreid(tmp_path: Path, variant: str) -> None:
     ours_root, theirs_root = tmp_path / "ours", tmp_path / "theirs"
-    official_tree(ours_root)
+    cuhk03_official_tree(ours_root)
     shutil.copytree(ours_root, theirs_root)
-    ours = CUHK03(ours_root, labeled=variant == "labeled", verify_counts="off", progress=False)
+    ours = CUHK03(ours_root, labeled=variant == "labeled", verify_counts="ignore", progress=False)
     theirs = torchreid_module("cuhk03").CUHK03(root=str(theirs_root), cuhk03_labeled=variant == "labeled",
                                                verbose=False)
     cache = ours_root / "cuhk03" / f"images_{variant}"  # torchreid's place for extracted images
@@ -229,17 +153,17 @@ def test_mat_extraction_matches_torchreid(tmp_path: Path, variant: str) -> None:
     for s in (*ours.train, *ours.query, *ours.gallery):
         pair, person, _, image = (int(x) for x in Path(s.path).stem.split("_"))
         pixels = np.asarray(Image.open(s.path))
-        np.testing.assert_array_equal(pixels, _image(variant, pair - 1, person - 1, image - 1))
+        np.testing.assert_array_equal(pixels, cuhk03_image(variant, pair - 1, person - 1, image - 1))
         np.testing.assert_array_equal(pixels, np.asarray(Image.open(theirs_root / "cuhk03" / f"images_{variant}"
                                                                     / Path(s.path).name)))
     # the cache is reused: a second read extracts nothing
     stamp = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    CUHK03(ours_root, labeled=variant == "labeled", verify_counts="off", progress=False)
+    CUHK03(ours_root, labeled=variant == "labeled", verify_counts="ignore", progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamp
 
 
 def test_mat_errors(tmp_path: Path) -> None:
-    base = official_tree(tmp_path / "a")
+    base = cuhk03_official_tree(tmp_path / "a")
     release = base / "cuhk03_release"
     # a split file where cuhk-03.mat should be
     shutil.copy(base / "cuhk03_new_protocol_config_labeled.mat", release / "cuhk-03.mat")

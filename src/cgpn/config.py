@@ -80,7 +80,7 @@ class DataConfig:
     color_jitter: bool = False  # brightness 0.2, contrast 0.15, saturation 0.1 (off in the paper recipe)
     test_batch_size: int = 128
     on_bad_image: str = "skip"  # a corrupt training image: skip (use another of that id, count it) | stop; eval always stops
-    verify_counts: str = "warn"  # a copy whose sizes differ from the official release: warn | error | off
+    verify_counts: str = "warn"  # a copy whose sizes differ from the official release: warn | error | ignore
     cuhk03_labeled: bool = True  # CUHK03 boxes: labeled (the paper) or detected (false)
     cuhk03_cache: str = ""  # folder for images extracted from cuhk-03.mat; "" = images_{labeled,detected}/ as torchreid
     msmt17_train_val: bool = True  # MSMT17 train = list_train + list_val (official 32,621); false: list_train only

@@ -33,7 +33,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-VERIFY_MODES = ("warn", "error", "off")  # data.verify_counts
+VERIFY_MODES = ("warn", "error", "ignore")  # data.verify_counts
 SUBSETS = ("train", "query", "gallery")
 
 
@@ -81,7 +81,7 @@ class ReidDataset:
 
     Every subset must hold images and every query identity must appear in the gallery. When the
     class knows the official size of its data set (``official``), a copy of another size is reported
-    according to ``verify_counts``: ``warn`` (log), ``error`` (DatasetError) or ``off``.
+    according to ``verify_counts``: ``warn`` (log), ``error`` (DatasetError) or ``ignore``.
 
     Attributes:
         name: registry name (``market1501``, ``synthetic``...).
@@ -101,7 +101,7 @@ class ReidDataset:
     num_cameras: ClassVar[int | None] = None
 
     def __init__(self, train: list[Sample], query: list[Sample], gallery: list[Sample],
-                 where: dict[str, str] | None = None, verify_counts: str = "off") -> None:
+                 where: dict[str, str] | None = None, verify_counts: str = "ignore") -> None:
         self.train, self.query, self.gallery = train, query, gallery
         self.where = where or {}
         if verify_counts not in VERIFY_MODES:
@@ -131,7 +131,7 @@ class ReidDataset:
                                f"query id in the gallery)")
 
     def _verify_counts(self, mode: str) -> None:
-        if mode == "off" or not self.official:
+        if mode == "ignore" or not self.official:
             return
         for subset, samples in zip(SUBSETS, (self.train, self.query, self.gallery)):
             ids, images, _ = subset_stats(samples)
@@ -139,7 +139,7 @@ class ReidDataset:
             if (ids, images) != (want_ids, want_images):
                 msg = (f"'{self._where(subset)}': {self.name} {subset} has {images:,} images of {ids:,} ids, the "
                        f"official release has {want_images:,} of {want_ids:,} (a partial or altered copy? "
-                       f"set data.verify_counts=off to accept it)")
+                       f"set data.verify_counts=ignore to accept it)")
                 if mode == "error":
                     raise DatasetError(msg)
                 logger.warning("%s", msg)

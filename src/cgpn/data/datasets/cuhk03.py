@@ -170,7 +170,7 @@ class CUHK03(ReidDataset):
             ``cuhk03_release/``; the split files beside it or one level up).
         labeled: labeled boxes (True, the paper) or detected boxes (False).
         cache_dir: where images extracted from the .mat go (default: ``images_{variant}`` beside it).
-        verify_counts: ``warn`` / ``error`` / ``off`` when the sizes differ from the official ones.
+        verify_counts: ``warn`` / ``error`` / ``ignore`` when the sizes differ from the official ones.
 
     Example:
         >>> ds = CUHK03("~/data", labeled=True)  # doctest: +SKIP
