@@ -155,15 +155,15 @@ class FolderDataset(ReidDataset):
                                f"its images, e.g. {folder / EXAMPLE}; {describe_folder(folder)})")
         images = []
         for name in identities:
-            id_dir = folder / name
-            found = sorted(
-                os.path.join(top, f) for top, _, files in os.walk(id_dir) for f in files
-                if f.lower().endswith(IMAGE_SUFFIXES))
+            id_dir = os.path.join(folder, name)
+            found = sorted(  # paths inside the identity folder, "/"-separated
+                f if top == id_dir else os.path.relpath(os.path.join(top, f), id_dir).replace(os.sep, "/")
+                for top, _, files in os.walk(id_dir) for f in files if f.lower().endswith(IMAGE_SUFFIXES))
             if not found:
                 raise DatasetError(f"identity folder '{id_dir}' holds no image (expected files like "
-                                   f"{EXAMPLE.split('/')[1]}; {describe_folder(id_dir)})")
-            for path in found:
-                inner = Path(path).relative_to(id_dir).as_posix()
+                                   f"{EXAMPLE.split('/')[1]}; {describe_folder(Path(id_dir))})")
+            for inner in found:
+                path = os.path.join(id_dir, inner)
                 match = pattern.search(inner)
                 if match is None:
                     raise DatasetError(f"cannot find a camera in '{path}': data.folder_camera_regex "
