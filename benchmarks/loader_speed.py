@@ -8,6 +8,8 @@ input of the same shape, on ``--device``. The ratio loader / model should be abo
     python benchmarks/loader_speed.py --device cuda --workers 4 8 --data-root ~/data --dataset market1501
 
 Models: CGPN-R50 at 384 x 128, batch 64 (the paper) and the demo's CGPN-ResNet-18 at 192 x 64, batch 32.
+With ``--workers 0`` the transforms run in this process under ``--threads`` torch threads; on a busy CPU
+more than one thread makes these small tensor operations much slower (worker processes use one each).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def main() -> None:
     p.add_argument("--data-root", help="data folder; default: a synthetic set written to a temporary folder")
     p.add_argument("--ids", type=int, default=64, help="identities of the temporary synthetic set")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader processes to try")
-    p.add_argument("--batches", type=int, default=10, help="loader batches to time")
+    p.add_argument("--batches", type=int, default=30, help="loader batches to time (well above the prefetched ones)")
     p.add_argument("--steps", type=int, default=2, help="model steps to time")
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
