@@ -24,6 +24,7 @@ from _reid_trees import (
     write_split,
 )
 from cgpn.config import DataConfig
+from cgpn.data.check import check_images
 from cgpn.data.datasets import CUHK03, build_dataset
 from cgpn.data.datasets.base import subset_stats
 from cgpn.data.datasets.cuhk03 import read_protocol
@@ -61,18 +62,27 @@ def test_real_split_file_counts(splits: Path, variant: str) -> None:
     assert all(sorted(c) == [0, 1] for c in per_id.values())
 
 
-@pytest.mark.parametrize("variant", ["labeled", "detected"])
-def test_reader_gives_official_counts_from_real_split(tmp_path: Path, splits: Path, variant: str) -> None:
-    """The whole .mat path with the real split file; the image cache is already filled (empty files)."""
-    shutil.copy(splits / f"cuhk03_new_protocol_config_{variant}.mat", tmp_path)
-    with h5py.File(tmp_path / "cuhk-03.mat", "w") as f:
-        f.create_dataset("unused", data=[0])
-    protocol = read_protocol(splits / f"cuhk03_new_protocol_config_{variant}.mat")
-    cache = tmp_path / f"images_{variant}"
+@pytest.fixture(scope="module")
+def filled_cache(tmp_path_factory: pytest.TempPathFactory, splits: Path) -> Path:
+    """A root with the real split files, a stand-in cuhk-03.mat, and an image cache that is already
+    complete (empty files under every name either split file lists), so nothing is extracted."""
+    root = tmp_path_factory.mktemp("cuhk03_full")
+    cache = root / "images"
     cache.mkdir()
-    for name in protocol.filelist:
-        (cache / name).touch()
-    ds = CUHK03(tmp_path, labeled=variant == "labeled", verify_counts="error", progress=False)
+    for variant in ("labeled", "detected"):
+        shutil.copy(splits / f"cuhk03_new_protocol_config_{variant}.mat", root)
+        for name in read_protocol(splits / f"cuhk03_new_protocol_config_{variant}.mat").filelist:
+            (cache / name).touch()
+    with h5py.File(root / "cuhk-03.mat", "w") as f:
+        f.create_dataset("unused", data=[0])
+    return root
+
+
+@pytest.mark.parametrize("variant", ["labeled", "detected"])
+def test_reader_gives_official_counts_from_real_split(filled_cache: Path, variant: str) -> None:
+    """The whole .mat path of the reader with the real split file; verify_counts=error checks issue 4's counts."""
+    cache = filled_cache / "images"
+    ds = CUHK03(filled_cache, labeled=variant == "labeled", cache_dir=cache, verify_counts="error", progress=False)
     assert {k: subset_stats(v)[:2] for k, v in (("train", ds.train), ("query", ds.query),
                                                  ("gallery", ds.gallery))} == OFFICIAL[variant]
     first = ds.query[0]
@@ -96,6 +106,11 @@ def test_real_mini_images(shared_data: Path, splits: Path) -> None:
             index = int(Path(s.path).stem.split("_")[-1]) - 1
             assert index in subsets[subset]
             assert (s.pid, s.camid) == (protocol.labels[index], protocol.cam_ids[index] - 1)
+    # every real image decodes; sizes within the README's range (46-201 px wide, 145-419 px high)
+    check = check_images(ds, workers=2, progress=False)
+    assert check.num_bad == 0 and sum(check.counts.values()) == 961
+    assert check.min_size[0] >= 46 and check.max_size[0] <= 201
+    assert check.min_size[1] >= 145 and check.max_size[1] <= 419
     train_index = [int(Path(s.path).stem.split("_")[-1]) - 1 for s in ds.train]
     assert set(train_index) <= subsets["train"]
     assert same_up_to_relabel(ds.train, [(s.path, protocol.labels[i], protocol.cam_ids[i] - 1)
