@@ -88,10 +88,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.checkpoint:
         model, cfg = _model_and_config(args)
-        dataset = build_dataset(cfg.data.dataset, cfg.data.root)
+        dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
     else:  # the untrained network of a config: what training starts from
         cfg = _config(args)
-        dataset = build_dataset(cfg.data.dataset, cfg.data.root)
+        dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
         model = build_model_from_config(cfg, dataset.num_train_pids)
     device = resolve_device(cfg.engine.device)
     result = evaluate_model(model.to(device), dataset, cfg, device)
@@ -124,7 +124,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from cgpn.viz import draw_ranked_lists
 
     model, cfg = _model_and_config(args)
-    dataset = build_dataset(cfg.data.dataset, cfg.data.root)
+    dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
     device = resolve_device(cfg.engine.device)
     t = test_features(model.to(device), dataset, cfg, device)
     result = evaluate(t.distmat, t.q_pids, t.g_pids, t.q_camids, t.g_camids, max_rank=cfg.test.max_rank)
@@ -133,6 +133,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(result.summary())
     print(f"ranked lists of {len(rows)} queries (top {args.topk}; green = same identity, red = other): {out}")
     return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from cgpn.data.check import check_images
+    from cgpn.data.datasets import build_dataset
+
+    cfg = _config(args)
+    dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
+    result = check_images(dataset, workers=max(1, cfg.data.workers), progress=not args.quiet)
+    print(result.report())
+    return 1 if result.num_bad else 0
 
 
 # --- parser ------------------------------------------------------------------------------------------
@@ -172,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=10)
     _add_config_args(p, config=False)
     p.set_defaults(func=cmd_show)
+
+    p = verbs.add_parser("check-data", help="open every image of a data set and report unreadable files "
+                         "(exit 1 if any, 2 if the data set itself is wrong)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_check_data)
     return parser
 
 

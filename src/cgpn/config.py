@@ -66,8 +66,8 @@ class LossConfig:
 class DataConfig:
     """Where images come from and how batches are drawn."""
 
-    dataset: str = "market1501"  # a name in cgpn.data.datasets.DATASETS
-    root: str = "data"  # folder that holds the data set
+    dataset: str = "market1501"  # market1501 | dukemtmc | cuhk03 | msmt17 | folder | synthetic; a+b joins train sets
+    root: str = "data"  # folder that holds the data set(s)
     height: int = 384
     width: int = 128
     batch_size: int = 64  # P x K (paper: 8 x 8)
@@ -77,8 +77,17 @@ class DataConfig:
     flip_prob: float = 0.5  # random horizontal flip, the paper's only augmentation
     random_erasing: float = 0.0  # probability; off in the paper recipe (SPEC 9)
     pad: int = 0  # pixels of padding before a random crop back to size; 0 = off
-    color_jitter: bool = False
+    color_jitter: bool = False  # brightness 0.2, contrast 0.15, saturation 0.1 (off in the paper recipe)
     test_batch_size: int = 128
+    on_bad_image: str = "skip"  # a corrupt training image: skip (use another of that id, count it) | stop; eval always stops
+    verify_counts: str = "warn"  # a copy whose sizes differ from the official release: warn | error | ignore
+    cuhk03_labeled: bool = True  # CUHK03 boxes: labeled (the paper) or detected (false)
+    cuhk03_cache: str = ""  # folder for images extracted from cuhk-03.mat; "" = images_{labeled,detected}/ as torchreid
+    msmt17_train_val: bool = True  # MSMT17 train = list_train + list_val (official 32,621); false: list_train only
+    folder_camera_regex: str = r"_c(\d+)"  # folder set: camera = first group, searched in the path inside the id folder
+    folder_csv: str = ""  # folder set: CSV of path,pid,camid[,subset] rows instead of scanning (relative to root)
+    folder_test_ids: float = 0.5  # folder set without a given split: fraction of identities used for testing
+    folder_split_seed: int = 0  # folder set: seed of the made split (independent of engine.seed)
 
 
 @dataclass

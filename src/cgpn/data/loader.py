@@ -1,56 +1,120 @@
-"""Torch datasets and loaders over lists of ``Sample``: images are opened only when a batch needs them."""
+"""Torch datasets and loaders over lists of ``Sample``: images are opened only when a batch needs them.
+
+Training batches come from worker processes (``data.workers``) through the P x K sampler, into pinned
+memory when a GPU is present. A corrupt training image is skipped and counted when
+``data.on_bad_image`` is ``skip`` (another image of the same identity takes its place, so batches keep
+their P x K shape) and stops the run when it is ``stop``; at test time it is always an error.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cgpn.config import DataConfig
 from cgpn.data.datasets.base import Sample
 from cgpn.data.sampler import PKSampler
 from cgpn.data.transforms import build_transforms
-from cgpn.errors import ImageError
+from cgpn.errors import ConfigError, ImageError
 
-__all__ = ["ImageDataset", "build_test_loader", "build_train_loader", "read_image"]
+__all__ = ["BAD_IMAGE_MODES", "ImageDataset", "build_test_loader", "build_train_loader", "read_image"]
+
+logger = logging.getLogger(__name__)
+
+BAD_IMAGE_MODES = ("skip", "stop")
+_MAX_WORKERS = 64  # slots of the shared skip counter (one per worker process, plus the main process)
 
 
 def read_image(path: str) -> Image.Image:
-    """The RGB image at ``path``, or an ImageError naming the file."""
+    """The RGB image at ``path``, fully decoded, or an ImageError naming the file."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise ImageError(f"cannot read image '{path}': {err}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageError(f"cannot read image '{path}': {err} (expected a readable JPEG/PNG; "
+                         f"run cgpn check-data to list every bad file)") from None
 
 
 class ImageDataset(Dataset):
-    """(image tensor, pid, camid, index) for every sample."""
+    """(image tensor, pid, camid, index) for every sample.
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable) -> None:
-        self.samples, self.transform = list(samples), transform
+    Args:
+        samples: the images.
+        transform: PIL image -> tensor.
+        on_bad_image: ``stop`` raises ImageError on a corrupt file; ``skip`` returns another image of
+            the same identity instead (the next readable one in sample order) and counts the file.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, on_bad_image: str = "stop") -> None:
+        if on_bad_image not in BAD_IMAGE_MODES:
+            raise ConfigError(f"data.on_bad_image must be skip or stop, got {on_bad_image!r}")
+        self.samples, self.transform, self.on_bad_image = list(samples), transform, on_bad_image
+        by_pid: dict[int, list[int]] = defaultdict(list)
+        for i, s in enumerate(self.samples):
+            by_pid[s.pid].append(i)
+        self._by_pid = dict(by_pid)
+        self._bad: set[int] = set()  # indices known bad in this process
+        self._skips = torch.zeros(_MAX_WORKERS + 1, dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def skipped(self) -> int:
+        """How many times a corrupt image was replaced, over all worker processes."""
+        return int(self._skips.sum())
+
+    def _load(self, index: int) -> Image.Image:
+        if self.on_bad_image == "stop":
+            return read_image(self.samples[index].path)
+        group = self._by_pid[self.samples[index].pid]
+        start = group.index(index)
+        for candidate in (group[(start + k) % len(group)] for k in range(len(group))):
+            if candidate in self._bad:
+                continue
+            try:
+                return read_image(self.samples[candidate].path)
+            except ImageError as err:
+                self._bad.add(candidate)
+                info = get_worker_info()
+                self._skips[0 if info is None else 1 + info.id % _MAX_WORKERS] += 1
+                logger.warning("skipped a bad training image: %s", err)
+        raise ImageError(f"no readable image of identity {self.samples[index].pid} (e.g. "
+                         f"'{self.samples[index].path}'); data.on_bad_image=skip needs one per identity")
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
         sample = self.samples[index]
-        return self.transform(read_image(sample.path)), sample.pid, sample.camid, index
+        return self.transform(self._load(index)), sample.pid, sample.camid, index
 
 
-def build_train_loader(samples: Sequence[Sample], cfg: DataConfig, seed: int = 0, rank: int = 0,
-                       world_size: int = 1) -> DataLoader:
-    """P x K batches of augmented training images."""
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the running process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_train_loader(samples: Sequence[Sample], cfg: DataConfig, seed: int = 0, rank: int | None = None,
+                       world_size: int | None = None) -> DataLoader:
+    """P x K batches of augmented training images; rank and world size default to the process group's."""
+    if rank is None or world_size is None:
+        rank, world_size = _distributed()
     sampler = PKSampler([s.pid for s in samples], cfg.batch_size, cfg.num_instances, cfg.epoch_mode,
                         seed=seed, rank=rank, world_size=world_size)
-    return DataLoader(ImageDataset(samples, build_transforms(cfg, train=True)), batch_sampler=sampler,
-                      num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=cfg.workers > 0)
+    dataset = ImageDataset(samples, build_transforms(cfg, train=True), on_bad_image=cfg.on_bad_image)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=cfg.workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def build_test_loader(samples: Sequence[Sample], cfg: DataConfig) -> DataLoader:
-    """Test images in order, without augmentation."""
-    return DataLoader(ImageDataset(samples, build_transforms(cfg, train=False)), batch_size=cfg.test_batch_size,
-                      shuffle=False, num_workers=cfg.workers, pin_memory=torch.cuda.is_available())
+    """Test images in order, without augmentation; a corrupt file is an error."""
+    return DataLoader(ImageDataset(samples, build_transforms(cfg, train=False), on_bad_image="stop"),
+                      batch_size=cfg.test_batch_size, shuffle=False, num_workers=cfg.workers,
+                      pin_memory=torch.cuda.is_available())
