@@ -72,9 +72,18 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (cgpn runs there; fast-reid runs on the CPU)")
     p.add_argument("--dim", type=int, default=2048, help="feature size of the synthetic case")
     p.add_argument("--repeat", type=int, default=1, help="timed runs of each side (the best is reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "cgpn-bench"),
                    help="folder for fast-reid's compiled Cython evaluator")
     return p
+
+
+def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the command line and apply ``--threads``."""
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def _status(field: str) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from common import base_parser, market_case, peak_memory, timed
+from common import base_parser, market_case, parse, peak_memory, timed
 
 from cgpn.metrics.rank import evaluate, pairwise_distance
 from fastreid_ref import build_rank_cy
@@ -31,7 +31,7 @@ def tie_free(distmat: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    args = base_parser(__doc__.splitlines()[0]).parse_args()
+    args = parse(base_parser(__doc__.splitlines()[0]))
     device = torch.device(args.device)
     case = market_case(dim=args.dim)
     distmat = tie_free(pairwise_distance(torch.from_numpy(case.qf), torch.from_numpy(case.gf)).numpy())

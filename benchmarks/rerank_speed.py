@@ -18,7 +18,7 @@ import gc
 
 import numpy as np
 import torch
-from common import base_parser, market_case, peak_memory, timed
+from common import base_parser, market_case, parse, peak_memory, timed
 
 from cgpn.metrics.rank import evaluate, pairwise_distance
 from cgpn.metrics.rerank import rerank
@@ -36,7 +36,7 @@ def run_cgpn(q: torch.Tensor, g: torch.Tensor, device: torch.device, repeat: int
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--skip-peer", action="store_true", help="time cgpn only (no 10 GB dense reference)")
-    args = p.parse_args()
+    args = parse(p)
     device = torch.device(args.device)
     case = market_case(dim=args.dim)
     labels = (case.q_pids, case.g_pids, case.q_camids, case.g_camids)

@@ -102,8 +102,11 @@ def _neighbours(f: torch.Tensor, num_query: int, width: int, tile: int):
         i[at, slot] = col + c0
         fold(uniq + r0, v, i)
 
+    buffer = torch.empty(min(tile, n) ** 2, device=f.device)  # reused: fresh large tensors cost page faults
+
     def distances(r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-        d = torch.addmm(sq[None, c0:c1], f[r0:r1], f[c0:c1].T, alpha=-2).add_(sq[r0:r1, None])
+        d = buffer[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+        torch.addmm(sq[None, c0:c1], f[r0:r1], f[c0:c1].T, alpha=-2, out=d).add_(sq[r0:r1, None])
         if r0 < num_query and c1 > num_query:  # query rows x gallery columns: the output's base
             g0 = max(c0, num_query)
             qg[r0 : min(r1, num_query), g0 - num_query : c1 - num_query] = d[: num_query - r0, g0 - c0 :]
@@ -169,10 +172,12 @@ def _expanded_sets(f: torch.Tensor, best_v: torch.Tensor, best_i: torch.Tensor, 
         miss.append(~found[r, c])
     rows, cols, dist, miss = torch.cat(out_r), torch.cat(out_c), torch.cat(out_d), torch.cat(miss).nonzero().squeeze(1)
     sq = (f * f).sum(1)
-    for s in range(0, miss.numel(), chunk):  # pairs beyond the nearest lists (a few percent)
+    fr, fc = (torch.empty((min(chunk, miss.numel()), f.shape[1]), device=f.device) for _ in range(2))
+    for s in range(0, miss.numel(), chunk):  # pairs beyond the nearest lists (about a tenth)
         m = miss[s : s + chunk]
         r, c = rows[m], cols[m]
-        dist[m] = (sq[r] + sq[c] - 2 * (f[r] * f[c]).sum(1)).clamp_(min=0)
+        a, b = torch.index_select(f, 0, r, out=fr[: m.numel()]), torch.index_select(f, 0, c, out=fc[: m.numel()])
+        dist[m] = (sq[r] + sq[c] - 2 * a.mul_(b).sum(1)).clamp_(min=0)
     return rows, cols, dist
 
 
@@ -210,8 +215,9 @@ def _jaccard_into(out: torch.Tensor, v: sp.csr_matrix, row_max: torch.Tensor, la
     np.add.at(per_query, np.repeat(np.arange(nq), np.diff(vq.indptr)) + 1, reach.cpu().numpy())
     cum = np.cumsum(per_query)  # expanded pairs before each query
     q_row = torch.repeat_interleave(torch.arange(nq, device=dev), q_ptr[1:] - q_ptr[:-1])
-    max_rows = max(1, budget // (16 * ng))
+    max_rows = min(nq, max(1, budget // (16 * ng)))
     scale = lambda_value / row_max[:nq]
+    t_buf, den_buf = (torch.empty(max_rows * ng, device=dev) for _ in range(2))
     s = 0
     while s < nq:  # blocks of queries bounded in rows and in expanded pairs
         e = int(np.searchsorted(cum, cum[s] + max(1, budget // 64), side="right")) - 1
@@ -221,10 +227,10 @@ def _jaccard_into(out: torch.Tensor, v: sp.csr_matrix, row_max: torch.Tensor, la
         src = torch.repeat_interleave(torch.arange(p0, p1, device=dev), count)
         start = torch.cumsum(count, 0) - count
         at = g_ptr[q_col[src]] + torch.arange(src.numel(), device=dev) - start[src - p0]
-        t = torch.zeros((e - s) * ng, device=dev)  # sum over shared l of min(V(i, l), V(j, l))
+        t = t_buf[: (e - s) * ng].zero_()  # sum over shared l of min(V(i, l), V(j, l))
         t.index_add_(0, (q_row[src] - s) * ng + g_col[at], torch.minimum(q_val[src], g_val[at]))
         t = t.view(e - s, ng)
-        t.div_(t.neg().add_(2))  # t / (2 - t): Jaccard distance = 1 - t / (2 - t)
+        t.div_(torch.neg(t, out=den_buf[: t.numel()].view_as(t)).add_(2))  # Jaccard = 1 - t / (2 - t)
         out[s:e].mul_(scale[s:e, None]).add_(1 - lambda_value).sub_(t, alpha=1 - lambda_value)
         s = e
 
@@ -263,9 +269,9 @@ def rerank(qf: object, gf: object, k1: int = 20, k2: int = 6, lambda_value: floa
     f = torch.cat([qf, gf])
     n, nq = len(f), len(qf)
     budget = int(memory_mb * 2**20)
-    tile = max(1, min(4096, int((budget / 8) ** 0.5)) // _GROUP) * _GROUP  # a tile and its temporaries
+    tile = max(1, min(2048, int((budget / 8) ** 0.5)) // _GROUP) * _GROUP  # a tile and its temporaries
     best_v, best_i, row_max, out = _neighbours(f, nq, min(n, k1 + 1), tile)
-    rows, cols, sq_dist = _expanded_sets(f, best_v, best_i, k1, block=min(4096, max(1, budget // (n + 8192))),
+    rows, cols, sq_dist = _expanded_sets(f, best_v, best_i, k1, block=min(512, max(1, budget // (n + 8192))),
                                          chunk=max(1, budget // (16 * f.shape[1])))
     v = _sparse_v(rows, cols, sq_dist, row_max, best_i, k2)
     del best_v, best_i, rows, cols, sq_dist
