@@ -16,9 +16,10 @@ from fastreid_ref import build_rank_cy, load_rank
 
 
 @pytest.fixture(scope="session")
-def rank_cy(request: pytest.FixtureRequest):
-    """fast-reid's Cython evaluator, compiled once (cached in pytest's cache folder)."""
-    return build_rank_cy(Path(request.config.cache.mkdir("fastreid_rank_cy")))
+def rank_cy(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """fast-reid's Cython evaluator, compiled once (kept in pytest's cache folder when there is one)."""
+    cache = getattr(request.config, "cache", None)
+    return build_rank_cy(Path(cache.mkdir("fastreid_rank_cy")) if cache else tmp_path_factory.mktemp("rank_cy"))
 
 
 @pytest.fixture(scope="session")

@@ -10,12 +10,13 @@ Tie rule: gallery items are ordered by distance, and items at exactly the same d
 (the order a stable sort gives). On tie-free inputs this is the order of any sort, so the numbers equal
 fast-reid's and torchreid's evaluators.
 
-How it is fast: AP, CMC and INP only need the rank of each true match among the valid gallery items. Each
-block of queries is sorted by value once (no index sort), the few same-identity distances are located in
-the sorted rows with a binary search, and the same-identity items that precede a match are subtracted
-(they are not valid non-matches). Work is one value sort per row; memory is bounded by the block size.
-Everything runs in torch on the tensors' device (a CUDA distance matrix stays on the GPU); CPU rows are
-sorted with NumPy's vectorised sort.
+How it is fast: AP, CMC and INP only need the rank of each true match among the valid gallery items,
+i.e. how many items lie before each match. On the CPU each query row keeps only the items up to its
+farthest true match (one comparison per item; for a trained network a few dozen survive), which NumPy
+sorts; on a GPU the whole block of rows is sorted by value. The match distances are then located with a
+binary search, and the same-identity items that precede a match (other matches, same-camera images) are
+subtracted. No index sort of whole rows is done; memory is bounded by the block of queries. Everything
+stays in torch on the tensors' device (a CUDA distance matrix stays on the GPU).
 """
 
 from __future__ import annotations
@@ -298,9 +299,9 @@ def _prepare(x: torch.Tensor, metric: str) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1) if metric == "cosine" else x
 
 
-def _distance(qf: torch.Tensor, gf: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
-    """(len(qf), len(gf)) Euclidean distances, ``g_sq`` the squared norms of ``gf``."""
-    d2 = torch.addmm(g_sq[None], qf, gf.T, alpha=-2).add_((qf * qf).sum(1, keepdim=True))
+def _distance(qf: torch.Tensor, gf: torch.Tensor, g_sq: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(len(qf), len(gf)) Euclidean distances, ``g_sq`` the squared norms of ``gf`` (into ``out`` if given)."""
+    d2 = torch.addmm(g_sq[None], qf, gf.T, alpha=-2, out=out).add_((qf * qf).sum(1, keepdim=True))
     return d2.clamp_(min=0).sqrt_()
 
 
@@ -330,6 +331,11 @@ def evaluate_features(qf: object, gf: object, q_pids: object, g_pids: object, q_
         raise DatasetError(f"features must be (num, dim) matrices of the same dim, got query {tuple(qf.shape)} "
                            f"and gallery {tuple(gf.shape)}")
     g_sq = (gf * gf).sum(1)
-    block = _block_rows(memory_mb, 4 * gf.shape[0] * qf.element_size() + 64)  # distances, temp, sorted, copy
-    return _evaluate_blocks(lambda s, e: _distance(qf[s:e], gf, g_sq), qf.shape[0], gf.shape[0], q_pids,
-                            g_pids, q_camids, g_camids, qf.device, block, max_rank, ap_mode)
+    block = max(1, min(qf.shape[0], _block_rows(memory_mb, 4 * gf.shape[0] * qf.element_size() + 64)))
+    buffer = torch.empty(block * gf.shape[0], dtype=qf.dtype, device=qf.device)  # reused by every block
+
+    def rows(s: int, e: int) -> torch.Tensor:
+        return _distance(qf[s:e], gf, g_sq, out=buffer[: (e - s) * gf.shape[0]].view(e - s, gf.shape[0]))
+
+    return _evaluate_blocks(rows, qf.shape[0], gf.shape[0], q_pids, g_pids, q_camids, g_camids, qf.device,
+                            block, max_rank, ap_mode)
