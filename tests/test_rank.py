@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import cgpn.metrics.rank as rank_mod
 from cgpn.errors import ConfigError, DatasetError
 from cgpn.metrics.rank import evaluate, evaluate_features, pairwise_distance
 from fastreid_ref import build_rank_cy, load_rank
@@ -287,6 +288,23 @@ def test_blockwise_memory_is_bounded():
     peak = _rss_peak_above_start(lambda: evaluate(distmat, q_pids[:300], g_pids, q_cams[:300], g_cams,
                                                   memory_mb=8))
     assert peak < 24 * 2**20, f"peak {peak / 2**20:.0f} MB"
+
+
+def test_whole_row_sort_path_on_cpu(monkeypatch, rank_cy):
+    # the GPU algorithm (sort whole rows of a block) run on the CPU: same numbers, ties included
+    monkeypatch.setattr(rank_mod, "_sorts_whole_rows", lambda device: True)
+    distmat, q_pids, g_pids, q_cams, g_cams = random_case(*CASES[4])
+    keep = g_pids != -1
+    r = evaluate(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=10)
+    cmc, ap, inp = rank_cy.evaluate_cy(distmat[:, keep], q_pids, g_pids[keep], q_cams, g_cams[keep], 10)
+    np.testing.assert_allclose(r.cmc, cmc, atol=1e-6)
+    np.testing.assert_allclose(r.ap[r.first_match >= 0], ap, atol=1e-6)
+    distmat = np.random.default_rng(1).integers(0, 3, size=distmat.shape).astype(np.float32)  # ties
+    _, ap, market, inp, first = brute_force(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=10)
+    r = evaluate(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=10, ap_mode="market", memory_mb=0.5)
+    np.testing.assert_array_equal(r.first_match, first)
+    np.testing.assert_allclose(r.ap, market, atol=1e-12)
+    np.testing.assert_allclose(r.inp, inp, atol=1e-12)
 
 
 @pytest.mark.gpu

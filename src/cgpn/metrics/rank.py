@@ -134,6 +134,11 @@ class _Gallery:
 # --- one block of queries ----------------------------------------------------------------------------
 
 
+def _sorts_whole_rows(device: torch.device) -> bool:
+    """Whether rows are sorted whole (GPUs) rather than cut at their farthest match first (CPU)."""
+    return device.type != "cpu"
+
+
 def _count_before(d: torch.Tensor, m: torch.Tensor, m_col: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """(B, K) number of items of each row of ``d`` that rank before the row's match t (distance ``m_t``,
     column ``m_col_t``, ascending for t < n; entries past ``n`` are left 0): closer, or as close with a
@@ -142,7 +147,7 @@ def _count_before(d: torch.Tensor, m: torch.Tensor, m_col: torch.Tensor, n: torc
     On the CPU each row keeps only the items up to its farthest match (usually a few dozen for a trained
     network), which NumPy sorts; on a GPU the whole block is sorted by value.
     """
-    if d.device.type == "cpu":
+    if not _sorts_whole_rows(d.device):
         dn, mn, cn, nn = d.numpy(), m.numpy(), m_col.numpy(), n.numpy()
         before = np.zeros(mn.shape, dtype=np.int64)
         for i in np.flatnonzero(nn):
