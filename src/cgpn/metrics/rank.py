@@ -284,7 +284,7 @@ def evaluate(distmat: object, q_pids: object, g_pids: object, q_camids: object, 
         A RankResult with the curve, the means and per-query AP / first-match rank / INP.
 
     Example:
-        >>> r = evaluate(np.array([[0.1, 0.5]]), [1], [1, 2], [0], [1])
+        >>> r = evaluate(np.array([[0.1, 0.5]]), [1], [1, 2], [0], [1, 1])
         >>> r.rank(1), r.mAP
         (1.0, 1.0)
     """
