@@ -35,6 +35,8 @@ def _shorthands(args: argparse.Namespace) -> list[str]:
         extra.append(f"data.dataset={args.dataset}")
     if getattr(args, "data_root", None):
         extra.append(f"data.root={args.data_root}")
+    if getattr(args, "rerank", False):
+        extra.append("test.rerank=true")
     return extra + args.overrides
 
 
@@ -172,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("eval", help="CMC / mAP / mINP of a checkpoint (or of an untrained config)")
     p.add_argument("--checkpoint", help="a checkpoint written by cgpn train; without it, the untrained network")
+    p.add_argument("--rerank", action="store_true",
+                   help="k-reciprocal re-ranking (Zhong et al. 2017); shorthand for --set test.rerank=true")
     _add_config_args(p)
     p.set_defaults(func=cmd_eval)
 

@@ -112,10 +112,12 @@ class TestConfig:
     flip: bool = True  # average features of the image and its mirror (Section 4.2)
     distance: str = "cosine"  # cosine (L2-normalised Euclidean, SPEC 8) | euclidean (raw)
     max_rank: int = 50
+    ap_mode: str = "standard"  # standard (non-interpolated AP, SPEC) | market (official Market-1501 trapezoid AP)
+    memory_mb: float = 512  # working memory of the blockwise ranking / re-ranking (beyond features and output)
     rerank: bool = False  # k-reciprocal re-ranking (Zhong et al. 2017); off in the paper
-    rerank_k1: int = 20
-    rerank_k2: int = 6
-    rerank_lambda: float = 0.3
+    rerank_k1: int = 20  # k1: size of the reciprocal neighbourhoods
+    rerank_k2: int = 6  # k2: neighbours averaged in the query expansion
+    rerank_lambda: float = 0.3  # weight of the original distance beside the Jaccard distance
 
 
 @dataclass

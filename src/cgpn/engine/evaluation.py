@@ -13,8 +13,9 @@ from cgpn.data.datasets.base import ReidDataset
 from cgpn.data.loader import build_test_loader
 from cgpn.engine.inference import extract_features
 from cgpn.metrics.rank import RankResult, evaluate, pairwise_distance
+from cgpn.metrics.rerank import rerank
 
-__all__ = ["TestFeatures", "evaluate_model", "test_features"]
+__all__ = ["TestFeatures", "evaluate_model", "rank_test_features", "test_features"]
 
 
 @dataclass
@@ -40,7 +41,18 @@ def test_features(model: nn.Module, dataset: ReidDataset, cfg: Config, device: t
     return TestFeatures(qf, gf, q_pids, g_pids, q_camids, g_camids, distmat)
 
 
+def rank_test_features(t: TestFeatures, cfg: Config) -> RankResult:
+    """CMC / mAP / mINP of test features under ``cfg.test``: the distances, or their k-reciprocal
+    re-ranking when ``test.rerank`` is set."""
+    c = cfg.test
+    distmat = t.distmat
+    if c.rerank:
+        distmat = rerank(t.qf, t.gf, k1=c.rerank_k1, k2=c.rerank_k2, lambda_value=c.rerank_lambda,
+                         metric=c.distance, memory_mb=c.memory_mb)
+    return evaluate(distmat, t.q_pids, t.g_pids, t.q_camids, t.g_camids, max_rank=c.max_rank,
+                    ap_mode=c.ap_mode, memory_mb=c.memory_mb)
+
+
 def evaluate_model(model: nn.Module, dataset: ReidDataset, cfg: Config, device: torch.device) -> RankResult:
     """CMC / mAP / mINP of ``model`` on ``dataset``'s query and gallery under ``cfg.test``."""
-    t = test_features(model, dataset, cfg, device)
-    return evaluate(t.distmat, t.q_pids, t.g_pids, t.q_camids, t.g_camids, max_rank=cfg.test.max_rank)
+    return rank_test_features(test_features(model, dataset, cfg, device), cfg)

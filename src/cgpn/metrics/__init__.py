@@ -1,5 +1,9 @@
-"""Ranking metrics (CMC, mAP, mINP) and distances, usable on their own."""
+"""Ranking metrics (CMC, mAP, mINP) and distances, usable on their own.
 
-from cgpn.metrics.rank import RankResult, evaluate, pairwise_distance
+Re-ranking lives in ``cgpn.metrics.rerank`` (``from cgpn.metrics.rerank import rerank``); it is not
+re-exported here so that the name keeps meaning the module.
+"""
 
-__all__ = ["RankResult", "evaluate", "pairwise_distance"]
+from cgpn.metrics.rank import RankResult, evaluate, evaluate_features, pairwise_distance
+
+__all__ = ["RankResult", "evaluate", "evaluate_features", "pairwise_distance"]
