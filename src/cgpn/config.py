@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -188,9 +189,14 @@ def _list_item_type(tp: Any) -> Any:
     return Any
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_value(key: str, value: Any, tp: Any) -> Any:
     """Return ``value`` if it fits annotation ``tp`` (ints widened to float), else raise ConfigError."""
     allowed = _allowed(tp)
+    if float in allowed and str not in allowed and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
         names = " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in allowed}))
         raise ConfigError(f"config key '{key}' expects {names}, got {value!r} ({type(value).__name__})")

@@ -152,6 +152,7 @@ class PeriodicCheckpoint(HookBase):
     def _save(self, best: bool = False) -> None:
         t = self.trainer
         if self.env.is_main:
+            t.check_weights()
             t.last_checkpoint = self.checkpointer.save(t.state_dict(), t.step, best=best)
             logger.debug("saved %s", t.last_checkpoint)
         self._due = False

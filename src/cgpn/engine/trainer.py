@@ -210,6 +210,14 @@ class Trainer:
             self._sums[k] = self._sums.get(k, 0.0) + v
         self.last_terms, self.last_batch_size = terms, len(images)
 
+    def check_weights(self) -> None:
+        """Refuse to checkpoint non-finite weights: the last checkpoint on disk stays the last good one."""
+        bad = next((n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise TrainingDivergedError(
+                f"parameter '{bad}' is not finite after step {self.step} (epoch {self.epoch + 1}); not saved; "
+                f"last good checkpoint: {self.last_checkpoint or 'none yet'} (try a lower solver.lr)")
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue exactly where this one is."""
         return {
