@@ -26,15 +26,21 @@ def _logged_step(run: Path) -> int:
         return max((int(r["step"]) for r in csv.DictReader(f) if r.get("step", "").isdigit()), default=0)
 
 
-def _start_and_signal(cmd: list[str], run: Path, after_step: int, sig: int, timeout: float = 240) -> subprocess.Popen:
-    """Start ``cmd`` and send ``sig`` as soon as its metrics.csv shows iteration ``after_step``."""
-    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start_and_signal(cmd: list[str], run: Path, after_step: int, sig: int, group: bool = False,
+                      timeout: float = 240) -> subprocess.Popen:
+    """Start ``cmd`` and send ``sig`` as soon as its metrics.csv shows iteration ``after_step`` (to its whole
+    process group with ``group``, as a terminal's Ctrl-C does)."""
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=group)
     deadline = time.monotonic() + timeout
     while _logged_step(run) < after_step:
         assert proc.poll() is None, f"training ended before iteration {after_step}: {proc.communicate()[1][-2000:]}"
         assert time.monotonic() < deadline, "training too slow"
         time.sleep(0.02)
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     return proc
 
 
@@ -81,12 +87,14 @@ def test_sigkill_then_resume_is_bit_exact(tiny_synth: Path, tmp_path: Path, rest
 
 
 def test_ctrl_c_saves_and_exits_cleanly(tiny_synth: Path, tmp_path: Path) -> None:
-    """SIGINT: the iteration finishes, a checkpoint of that position is written, exit status 130."""
+    """Ctrl-C (SIGINT to the process group: the trainer and its 2 loader workers): the iteration finishes,
+    a checkpoint of that position is written, exit status 130."""
     run = tmp_path / "run"
-    proc = _start_and_signal(train_cmd(tiny_overrides(tiny_synth, run)), run, 2, signal.SIGINT)
+    proc = _start_and_signal(train_cmd(tiny_overrides(tiny_synth, run, **{"data.workers": 2})), run, 2,
+                             signal.SIGINT, group=True)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert "interrupted" in err and "Traceback" not in err
+    assert "interrupted" in err and "Traceback" not in err and err.count("SIGINT: stopping") == 1
     state = torch.load(run / "last.pt", weights_only=True)
     assert 2 <= state["step"] < 12  # no checkpoint_steps set: this one exists only because of Ctrl-C
     assert state["step"] == _logged_step(run)  # saved after the last completed iteration

@@ -71,6 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     result = train(cfg, resume=args.resume, finetune=args.finetune)
+    if result.rank != 0:  # under torchrun, rank 0 reports
+        return 0
     if 0 in result.evaluations:
         print(f"untrained: {result.evaluations[0].summary()}")
     last = max(result.evaluations) if result.evaluations else None

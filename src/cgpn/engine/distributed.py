@@ -76,6 +76,8 @@ def init_distributed(cfg: EngineConfig) -> DistEnv:
         return DistEnv(rank, world_size, local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
     logger.info("process %d of %d (%s)", rank, world_size, backend)
+    if rank != 0:  # one voice: the other processes only warn
+        logging.getLogger("cgpn").setLevel(logging.WARNING)
     return DistEnv(rank, world_size, local_rank, initialized_here=True)
 
 

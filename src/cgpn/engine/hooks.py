@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import signal
 import threading
 import time
@@ -63,7 +64,7 @@ class StopOnSignal(HookBase):
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, env: DistEnv) -> None:
-        self.env = env
+        self.env, self._pid = env, os.getpid()
         self._previous: dict[int, object] = {}
 
     def before_train(self) -> None:
@@ -71,6 +72,8 @@ class StopOnSignal(HookBase):
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame: object) -> None:
+        if os.getpid() != self._pid:  # a data loader worker forked with this handler: the main process decides
+            return
         if self.trainer.stop_requested:
             raise KeyboardInterrupt
         self.trainer.stop_requested = True
@@ -165,12 +168,13 @@ def _format_eta(seconds: float) -> str:
 class MetricsLogger(HookBase):
     """Progress bar per epoch (each loss term, lr, images/s, ETA), log lines, scalars to ``trainer.metrics``.
 
-    Scalars are means over ``log_period`` iterations. Without a bar (``engine.progress: false`` or stderr
-    not a terminal) the same figures go to the log every ``log_period`` iterations.
+    Scalars are means over ``log_period`` iterations; images/s counts the images of all ``world_size``
+    processes. Without a bar (``engine.progress: false`` or stderr not a terminal) the same figures go
+    to the log every ``log_period`` iterations.
     """
 
-    def __init__(self, log_period: int, progress: bool) -> None:
-        self.log_period, self.progress = max(1, log_period), progress
+    def __init__(self, log_period: int, progress: bool, world_size: int = 1) -> None:
+        self.log_period, self.progress, self.world_size = max(1, log_period), progress, world_size
         self.bar: tqdm | None = None
         self._step_seconds: float | None = None  # moving average of an iteration's wall time
 
@@ -198,13 +202,14 @@ class MetricsLogger(HookBase):
         self._step_seconds = dt if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * dt
         for k, v in t.last_terms.items():
             self._sums[k] = self._sums.get(k, 0.0) + v
+        images = t.last_batch_size * self.world_size
         self._count += 1
-        self._images += t.last_batch_size
-        self._epoch_images += t.last_batch_size
+        self._images += images
+        self._epoch_images += images
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str("  ".join([f"{k} {v:.3f}" for k, v in t.last_terms.items()] + [
-                f"lr {t.lr:.1e}", f"{t.last_batch_size / self._step_seconds:.1f} img/s",
+                f"lr {t.lr:.1e}", f"{images / self._step_seconds:.1f} img/s",
                 f"run ETA {_format_eta(self._eta())}"]), refresh=False)
         if t.step % self.log_period == 0:
             self._flush(t.epoch + 1, t.batch)

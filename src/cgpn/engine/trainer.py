@@ -79,6 +79,7 @@ class TrainResult:
     evaluations: dict[int, RankResult] = field(default_factory=dict)  # epoch -> result (0 = untrained)
     best_checkpoint: Path | None = None  # best.pt (best mAP), if an evaluation took place
     model: nn.Module | None = None  # the trained network (this process's copy; eval mode)
+    rank: int = 0  # this process under torchrun; only rank 0 evaluates and holds the evaluations
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -303,10 +304,9 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
     if e.sync_bn and env.distributed and device.type != "cuda":
         raise ConfigError("engine.sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU path); "
                           "set engine.sync_bn=false for CPU processes")
-    if not torch.cuda.is_available() or device.type != "cuda":
-        torch.backends.cudnn.benchmark = False
-    elif not e.deterministic:
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not e.deterministic  # fixed input size: cuDNN picks the fastest kernels
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs in fp32 (cuDNN convolutions already do)
     precision = resolve_precision(e.precision, device)
     out = Path(cfg.output_dir)
     checkpointer = Checkpointer(out, e.keep_last)
@@ -356,7 +356,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
                       extra_state={"config": cfg.to_dict(), "num_classes": num_classes}, metrics=metrics)
     trainer.register(StopOnSignal(env))
     if env.is_main:
-        trainer.register(MetricsLogger(e.log_period, e.progress))
+        trainer.register(MetricsLogger(e.log_period, e.progress, env.world_size))
     trainer.register(LRScheduler(),
                      Evaluator(lambda: evaluate_model(model, dataset, cfg, device), e.eval_period,
                                e.eval_at_start, env),
@@ -371,4 +371,4 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
     return TrainResult(checkpoint=checkpointer.last, epoch_losses=trainer.epoch_losses,
                        evaluations=trainer.evaluations,
                        best_checkpoint=checkpointer.best if checkpointer.best.is_file() else None,
-                       model=model.eval())
+                       model=model.eval(), rank=env.rank)
