@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import tempfile
 import time
@@ -57,7 +58,7 @@ def step_speed(kind: str, args: argparse.Namespace, device: torch.device, precis
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     scaler = precision.grad_scaler()
     images = torch.randn(args.batch_size, 3, args.height, args.width, device=device).to(memory_format=fmt)
-    pids = torch.arange(args.batch_size, device=device) // 8  # P x K with K = 8
+    pids = torch.arange(args.batch_size, device=device) // math.gcd(args.batch_size, 8)  # P x K, K = 8
 
     def one() -> None:
         with precision.autocast():
@@ -82,6 +83,7 @@ def loader_speed(args: argparse.Namespace, root: Path, workers: int) -> float:
     """Images/s the seeded P x K training loader delivers (decode, resize, flip, normalise)."""
     cfg = Config().data
     cfg.height, cfg.width, cfg.batch_size, cfg.workers = args.height, args.width, args.batch_size, workers
+    cfg.num_instances = math.gcd(args.batch_size, 8)  # K = 8 as in the paper when the batch allows it
     dataset = build_dataset(args.dataset, root)
     loader = build_seeded_train_loader(dataset.train, cfg, seed=0)
     it = iter(loader)
@@ -139,14 +141,14 @@ def main() -> None:
             cgpn = step_speed("cgpn", args, device, precision, cl)
             base = None if args.no_baseline else step_speed("resnet", args, device, precision, cl)
             results[(prec_name, fmt)] = cgpn
-            print(f"{prec_name:<10}{fmt:<15}{cgpn:>12.1f}" + (f"{base:>14.1f}{cgpn / base:>13.2f}" if base else ""),
+            print(f"{prec_name:<10}{fmt:<15}{cgpn:>12.3g}" + (f"{base:>14.3g}{cgpn / base:>13.2f}" if base else ""),
                   flush=True)
     best = max(results, key=results.get)
     print(f"fastest: engine.precision={best[0]} engine.channels_last={str(best[1] == 'channels_last').lower()}"
-          f" ({results[best]:.1f} img/s)")
+          f" ({results[best]:.3g} img/s)")
     if args.compile:
         c = step_speed("cgpn", args, device, resolve_precision(best[0], device), best[1] == "channels_last", True)
-        print(f"  + engine.compile=true: {c:.1f} img/s ({c / results[best]:.2f}x)")
+        print(f"  + engine.compile=true: {c:.3g} img/s ({c / results[best]:.2f}x)")
 
     with contextlib.ExitStack() as stack:
         root = Path(args.data_root) if args.data_root else None
