@@ -72,13 +72,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cgpn.engine.trainer import train
 
     cfg = _config(args)
-    result = train(cfg)
+    result = train(cfg, resume=args.resume, finetune=args.finetune)
+    if result.rank != 0:  # under torchrun, rank 0 reports
+        return 0
     if 0 in result.evaluations:
         print(f"untrained: {result.evaluations[0].summary()}")
     last = max(result.evaluations) if result.evaluations else None
     if last:
         print(f"trained (epoch {last}): {result.evaluations[last].summary()}")
     print(f"checkpoint: {result.checkpoint}")
+    if result.best_checkpoint:
+        print(f"best (mAP): {result.best_checkpoint}")
     return 0
 
 
@@ -119,6 +123,13 @@ def _pick_queries(spec: str, result, query, n: int, seed: int) -> list[int]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    if args.curves:
+        from cgpn.engine.events import draw_curves
+
+        print(f"training curves of {args.curves}: {draw_curves(args.curves, args.out)}")
+        return 0
+    if not args.checkpoint:
+        raise ConfigError("cgpn show needs --checkpoint FILE (ranked lists) or --curves RUN_DIR (training curves)")
     from cgpn.data.datasets import build_dataset
     from cgpn.engine.evaluation import test_features
     from cgpn.engine.inference import resolve_device
@@ -168,8 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"(preset value if omitted; demo: {f.default})")
     p.set_defaults(func=cmd_synth)
 
-    p = verbs.add_parser("train", help="train a model (the paper's recipe unless the config says otherwise)")
+    p = verbs.add_parser("train", help="train a model (the paper's recipe unless the config says otherwise); "
+                         "several GPUs or machines: torchrun --nproc_per_node N -m cgpn train ...")
     _add_config_args(p)
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="PATH|auto",
+                       help="continue a run from a checkpoint, or auto: the newest in output_dir (if any)")
+    start.add_argument("--finetune", metavar="PATH",
+                       help="start from a checkpoint's weights except the identity classifiers (new data set)")
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("eval", help="CMC / mAP / mINP of a checkpoint (or of an untrained config)")
@@ -179,8 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = verbs.add_parser("show", help="draw ranked lists (query + top-k, green/red frames) as a PNG")
-    p.add_argument("--checkpoint", required=True)
+    p = verbs.add_parser("show", help="draw ranked lists (query + top-k, green/red frames) or a run's training "
+                         "curves as a PNG")
+    p.add_argument("--checkpoint", help="a checkpoint written by cgpn train (ranked lists)")
+    p.add_argument("--curves", metavar="RUN_DIR", help="draw the loss, lr, speed and Rank-1/mAP curves of a run "
+                   "folder (its metrics.csv) instead")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--queries", default="random", help="random | worst | best | comma-separated pids")
     p.add_argument("--num-queries", type=int, default=8)

@@ -1,24 +1,48 @@
 """Checkpoints: written atomically, read safely (``weights_only``), refused when they do not fit.
 
 A checkpoint holds the model's state dict, the resolved config and the number of classes, so that
-``load_model`` rebuilds the network from the file alone; training state (optimizer, scheduler, epoch)
-rides along for resuming.
+``load_model`` rebuilds the network from the file alone. Training state rides along for resuming:
+optimizer, scheduler, grad scaler, position (epoch, batch inside it, global step), every RNG state
+and the evaluations so far. In a run folder, ``Checkpointer`` keeps ``checkpoints/step_*.pt`` (the
+newest ``keep_last``), ``last.pt`` (the newest) and ``best.pt`` (the best mAP) as hard links, so a
+checkpoint is written once whatever its names.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cgpn.config import Config
-from cgpn.errors import CheckpointError
+from cgpn.errors import CheckpointError, ConfigError
+from cgpn.metrics.rank import RankResult
 from cgpn.model import CGPN, build_model
 
-__all__ = ["build_model_from_config", "load_checkpoint", "load_model", "save_checkpoint"]
+__all__ = [
+    "Checkpointer",
+    "build_model_from_config",
+    "capture_rng",
+    "check_run_dir",
+    "find_resume_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "load_weights",
+    "rank_result_from_state",
+    "rank_result_state",
+    "restore_rng",
+    "save_checkpoint",
+    "state_nbytes",
+]
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "cgpn-checkpoint-v1"
 
@@ -88,3 +112,122 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
         raise CheckpointError(f"checkpoint '{source}' does not fit this model ({detail}); "
                               f"it was trained with another model.name, backbone or number of classes")
     model.load_state_dict(weights, strict=not skip_classifiers)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA random states, in types ``weights_only`` loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back the random states ``capture_rng`` took."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+def rank_result_state(result: RankResult) -> dict[str, Any]:
+    """A ``RankResult`` as tensors and numbers (storable in a ``weights_only`` checkpoint)."""
+    return {"cmc": torch.from_numpy(np.asarray(result.cmc, dtype=np.float64)), "mAP": float(result.mAP),
+            "mINP": float(result.mINP), "num_valid": int(result.num_valid), "num_skipped": int(result.num_skipped),
+            "ap": torch.from_numpy(np.asarray(result.ap, dtype=np.float64)),
+            "first_match": torch.from_numpy(np.asarray(result.first_match, dtype=np.int64))}
+
+
+def rank_result_from_state(state: dict[str, Any]) -> RankResult:
+    """The ``RankResult`` that ``rank_result_state`` stored."""
+    return RankResult(cmc=state["cmc"].numpy(), mAP=state["mAP"], mINP=state["mINP"], num_valid=state["num_valid"],
+                      num_skipped=state["num_skipped"], ap=state["ap"].numpy(), first_match=state["first_match"].numpy())
+
+
+def state_nbytes(*states: dict[str, Any]) -> int:
+    """Bytes of the tensors in (nested) state dicts: about what a checkpoint of them takes on disk."""
+    def walk(x: Any) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(walk(v) for v in x.values())
+        if isinstance(x, list | tuple):
+            return sum(walk(v) for v in x)
+        return 0
+    return sum(walk(s) for s in states)
+
+
+def check_run_dir(path: str | Path, needed_bytes: int) -> None:
+    """Fail before training if ``path`` cannot be created or written, or has less than ``needed_bytes`` free."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-") as f:
+            f.write(b"cgpn")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise ConfigError(f"output_dir '{path}' is not writable ({err.strerror or err}); choose another folder "
+                          f"with --set output_dir=DIR (e.g. runs/my_run)") from None
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes:
+        raise ConfigError(f"output_dir '{path}' has {free / 2**20:.0f} MiB free but the checkpoints of this run "
+                          f"need about {needed_bytes / 2**20:.0f} MiB; free some space, lower engine.keep_last "
+                          f"or choose another folder with --set output_dir=DIR")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same file as ``src`` atomically: a hard link (or copy) under a temporary name, renamed."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class Checkpointer:
+    """Checkpoints of one run folder: ``checkpoints/step_*.pt`` (newest ``keep_last``), ``last.pt``, ``best.pt``.
+
+    Example:
+        >>> ckpt = Checkpointer("runs/demo", keep_last=2)  # doctest: +SKIP
+        >>> path = ckpt.save({"model": model.state_dict(), ...}, step=120, best=True)  # doctest: +SKIP
+    """
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 2) -> None:
+        if keep_last < 1:
+            raise ConfigError(f"engine.keep_last must be at least 1 (e.g. 2), got {keep_last}")
+        self.run_dir, self.keep_last = Path(run_dir), keep_last
+        self.last, self.best = self.run_dir / "last.pt", self.run_dir / "best.pt"
+
+    def save(self, state: dict[str, Any], step: int, best: bool = False) -> Path:
+        """Write ``state`` as ``checkpoints/step_{step}.pt``, point ``last.pt`` (and ``best.pt``) to it, prune."""
+        path = self.run_dir / "checkpoints" / f"step_{step:08d}.pt"
+        save_checkpoint(path, state)
+        _link_or_copy(path, self.last)
+        if best:
+            _link_or_copy(path, self.best)
+        for old in sorted(path.parent.glob("step_*.pt"))[: -self.keep_last]:
+            old.unlink()
+        return path
+
+
+def find_resume_checkpoint(spec: str, run_dir: str | Path) -> Path | None:
+    """``--resume`` target: a path, or ``auto`` = the newest checkpoint of ``run_dir`` (``None`` if none yet)."""
+    if spec != "auto":
+        return Path(spec)
+    steps = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))  # zero-padded: name order = step order
+    if steps:
+        return steps[-1]
+    last = Path(run_dir) / "last.pt"
+    return last if last.is_file() else None

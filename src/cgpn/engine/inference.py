@@ -25,7 +25,7 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device,
     was_training = model.training
     model.eval()
     feats, pids, camids = [], [], []
-    for images, pid, camid, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for images, pid, camid, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
         images = images.to(device, non_blocking=True)
         f = model(images)
         if flip:

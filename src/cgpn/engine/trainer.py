@@ -1,44 +1,85 @@
 """Training with the paper's recipe (Section 4.2): P x K batches, SGD, step decay, flip augmentation.
 
-``train(cfg)`` builds everything from a config, writes ``config.yaml`` into ``cfg.output_dir`` and a
-checkpoint after every epoch (``last.pt``), and evaluates the untrained network first when
-``engine.eval_at_start`` is set, so that a run shows what training added.
+``train(cfg)`` builds everything from a config and runs a ``Trainer``: a short loop of iterations
+(forward under autocast, fp32 losses, backward, step) with hooks around it for stop signals, the LR
+schedule, evaluation, checkpoints and logging (``cgpn.engine.hooks``). A run folder
+(``cfg.output_dir``) receives ``config.yaml``, ``last.pt`` / ``best.pt`` / ``checkpoints/``,
+``metrics.csv`` and ``tensorboard/``. ``engine.eval_at_start`` evaluates the untrained network first,
+so that a run shows what training added.
+
+Resuming (``resume="auto"`` or a path) restores the model, optimizer, scheduler, grad scaler, the
+position inside the epoch and every RNG state; the training batches are a pure function of (seed,
+epoch, batch) (``cgpn.engine.data``), so with ``engine.deterministic`` on the CPU a run killed at any
+iteration and resumed ends with the same weights, bit for bit, as one that was never interrupted.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from torch import nn
+from torch.utils.data import DataLoader
 
-from cgpn.config import Config, save_config
+from cgpn.config import Config, SolverConfig, save_config
 from cgpn.data.datasets import build_dataset
-from cgpn.data.loader import build_train_loader
-from cgpn.engine.checkpoint import build_model_from_config, save_checkpoint
+from cgpn.engine.checkpoint import (
+    Checkpointer,
+    build_model_from_config,
+    capture_rng,
+    check_run_dir,
+    find_resume_checkpoint,
+    load_checkpoint,
+    load_weights,
+    rank_result_from_state,
+    rank_result_state,
+    restore_rng,
+    state_nbytes,
+)
+from cgpn.engine.data import build_seeded_train_loader
+from cgpn.engine.distributed import DistEnv, GlobalTripletLoss, any_rank, init_distributed
 from cgpn.engine.evaluation import evaluate_model
+from cgpn.engine.events import MetricsWriter
+from cgpn.engine.hooks import (
+    Evaluator,
+    HookBase,
+    LRScheduler,
+    MetricsLogger,
+    PeriodicCheckpoint,
+    StopOnSignal,
+)
 from cgpn.engine.inference import resolve_device
-from cgpn.errors import ConfigError
+from cgpn.engine.precision import Precision, resolve_precision
+from cgpn.errors import CgpnError, ConfigError
 from cgpn.losses import CGPNLoss
 from cgpn.metrics.rank import RankResult
 
-__all__ = ["TrainResult", "build_optimizer", "build_scheduler", "seed_everything", "train"]
+__all__ = ["TrainResult", "Trainer", "TrainingDivergedError", "build_optimizer", "build_scheduler",
+           "seed_everything", "train"]
 
 logger = logging.getLogger(__name__)
 
 
+class TrainingDivergedError(CgpnError):
+    """A loss term became NaN or infinite; the run stopped before the bad update."""
+
+
 @dataclass
 class TrainResult:
-    """What a run produced: the last checkpoint, the losses per epoch and the evaluations by epoch."""
+    """What a run produced: checkpoints, the losses per epoch, the evaluations by epoch and the network."""
 
-    checkpoint: Path
+    checkpoint: Path  # last.pt
     epoch_losses: list[dict[str, float]] = field(default_factory=list)
     evaluations: dict[int, RankResult] = field(default_factory=dict)  # epoch -> result (0 = untrained)
+    best_checkpoint: Path | None = None  # best.pt (best mAP), if an evaluation took place
+    model: nn.Module | None = None  # the trained network (this process's copy; eval mode)
+    rank: int = 0  # this process under torchrun; only rank 0 evaluates and holds the evaluations
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -51,7 +92,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """SGD (the paper's) or Adam over every parameter, with ``cfg.solver``'s settings."""
     s = cfg.solver
     if s.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
@@ -72,63 +114,261 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _log_eval(label: str, result: RankResult) -> None:
-    logger.info("%s: %s", label, result.summary())
+class Trainer:
+    """Runs ``max_epochs`` epochs of iterations over ``loader`` and calls ``hooks`` around them.
+
+    ``model`` is the network whose state is saved; ``train_model`` is what the forward pass calls (the
+    same module, or it wrapped in DDP / ``torch.compile``). ``extra_state`` (config, class count) is
+    embedded in every checkpoint.
+    """
+
+    def __init__(self, model: nn.Module, train_model: nn.Module, criterion: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 loader: DataLoader, device: torch.device, precision: Precision, max_epochs: int, env: DistEnv,
+                 channels_last: bool = False, extra_state: dict[str, Any] | None = None,
+                 metrics: MetricsWriter | None = None) -> None:
+        self.model, self.train_model, self.criterion = model, train_model, criterion
+        self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
+        self.device, self.precision, self.max_epochs, self.env = device, precision, max_epochs, env
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.scaler = precision.grad_scaler()
+        self.extra_state, self.metrics = extra_state or {}, metrics
+        self.hooks: list[HookBase] = []
+        self.epoch = self.batch = self.step = 0  # position: epoch index, batches done in it, iterations done
+        self.epoch_length = len(loader)
+        self.epoch_losses: list[dict[str, float]] = []
+        self.evaluations: dict[int, RankResult] = {}
+        self.best: tuple[int, float] | None = None  # (epoch, mAP)
+        self.is_best = False  # the evaluation of the epoch just completed is the best so far
+        self.stop_requested = False
+        self.last_checkpoint: Path | None = None
+        self.last_terms: dict[str, float] = {}
+        self.last_batch_size = 0
+        self._sums: dict[str, float] = {}  # loss terms summed over the current epoch
+
+    def register(self, *hooks: HookBase) -> None:
+        for hook in hooks:
+            hook.trainer = self
+            self.hooks.append(hook)
+
+    def _call(self, point: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, point)()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self) -> None:
+        """The loop; a stop request (Ctrl-C) raises KeyboardInterrupt once the checkpoint hook has saved."""
+        self._call("before_train")
+        try:
+            while self.epoch < self.max_epochs:
+                self.loader.batch_sampler.set_epoch(self.epoch, self.batch)
+                self._call("before_epoch")
+                for images, pids, *_ in self.loader:
+                    self._call("before_step")
+                    self.run_step(images, pids)
+                    self._call("after_step")
+                    if self.stop_requested:
+                        self._stop()
+                self.epoch_losses.append({k: v / self.batch for k, v in self._sums.items()})
+                self.epoch, self.batch, self._sums = self.epoch + 1, 0, {}
+                self._call("after_epoch")
+                self.is_best = False
+                if self.stop_requested:
+                    self._stop()
+        finally:
+            self._call("after_train")
+
+    def _stop(self) -> None:
+        if self.env.is_main:
+            logger.warning("stopped at epoch %d, iteration %d (step %d); saved %s; continue with --resume auto",
+                           self.epoch + 1, self.batch, self.step, self.last_checkpoint)
+        raise KeyboardInterrupt
+
+    def run_step(self, images: torch.Tensor, pids: torch.Tensor) -> None:
+        """One iteration: forward (autocast), fp32 losses, a finite check, backward and optimizer step."""
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        pids = pids.to(self.device, non_blocking=True)
+        with self.precision.autocast():
+            output = self.train_model(images)
+        loss, terms = self.criterion(output, pids)  # outside autocast: the losses cast to fp32
+        terms["total"] = float(loss.detach())
+        bad = next((k for k, v in terms.items() if not math.isfinite(v)), None)
+        if any_rank(bad is not None, self.env, self.device):
+            what = f"loss term '{bad}' is {terms[bad]}" if bad else "a loss term is not finite on another process"
+            raise TrainingDivergedError(
+                f"{what} at epoch {self.epoch + 1}, iteration {self.batch + 1} (step {self.step + 1}); stopped "
+                f"before that update; last good checkpoint: {self.last_checkpoint or 'none yet'} "
+                f"(try a lower solver.lr, solver.warmup_epochs or engine.precision=fp32)")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.batch, self.step = self.batch + 1, self.step + 1
+        for k, v in terms.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self.last_terms, self.last_batch_size = terms, len(images)
+
+    def check_weights(self) -> None:
+        """Refuse to checkpoint non-finite weights: the last checkpoint on disk stays the last good one."""
+        bad = next((n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise TrainingDivergedError(
+                f"parameter '{bad}' is not finite after step {self.step} (epoch {self.epoch + 1}); not saved; "
+                f"last good checkpoint: {self.last_checkpoint or 'none yet'} (try a lower solver.lr)")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly where this one is."""
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch, "batch": self.batch, "step": self.step, "loss_sums": dict(self._sums),
+            "epoch_losses": list(self.epoch_losses),
+            "evaluations": {e: rank_result_state(r) for e, r in self.evaluations.items()},
+            "best": list(self.best) if self.best else None, "rng": capture_rng(), **self.extra_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+        """Continue from a checkpoint ``state_dict`` wrote (the model's weights are loaded by the caller)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.batch, self.step = state["epoch"], state.get("batch", 0), state.get("step", 0)
+        self._sums = dict(state.get("loss_sums", {}))
+        self.epoch_losses = list(state.get("epoch_losses", []))
+        self.evaluations = {int(e): rank_result_from_state(r) for e, r in state.get("evaluations", {}).items()}
+        self.best = tuple(state["best"]) if state.get("best") else None
+        self.last_checkpoint = Path(source)
+        if "rng" in state:
+            restore_rng(state["rng"])
+        if self.batch > self.epoch_length:
+            raise ConfigError(f"checkpoint '{source}' stopped after batch {self.batch} of an epoch that now has "
+                              f"{self.epoch_length}; resume with the data settings it was trained with")
 
 
-def train(cfg: Config) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.data`` for ``cfg.solver.epochs`` epochs; see the module docstring."""
-    if cfg.engine.threads > 0:
-        torch.set_num_threads(cfg.engine.threads)
-    seed_everything(cfg.engine.seed, cfg.engine.deterministic)
-    device = resolve_device(cfg.engine.device)
+def _checkpoint_bytes(model: nn.Module, solver: SolverConfig) -> int:
+    """About the size of one checkpoint: weights plus the optimizer's per-parameter buffers."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = {"sgd": 1 if solver.momentum else 0, "adam": 2}.get(solver.optimizer, 2)
+    return state_nbytes(model.state_dict()) + buffers * params
+
+
+def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ between two config dicts, as ``section.key``."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _device(cfg: Config, env: DistEnv) -> torch.device:
+    if env.distributed and torch.cuda.is_available() and cfg.engine.device in ("auto", "cuda"):
+        return torch.device("cuda", env.local_rank)
+    return resolve_device(cfg.engine.device)
+
+
+def train(cfg: Config, resume: str | None = None, finetune: str | None = None) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data`` for ``cfg.solver.epochs`` epochs; see the module docstring.
+
+    Args:
+        cfg: the resolved config.
+        resume: a checkpoint to continue from, or ``auto`` (the newest in ``cfg.output_dir``; a fresh
+            start if there is none).
+        finetune: a checkpoint whose weights, except the identity classifiers, start a new run.
+    """
+    if resume and finetune:
+        raise ConfigError("--resume and --finetune exclude each other: resume continues a run, finetune starts "
+                          "a new one from another run's weights")
+    env = init_distributed(cfg.engine)
+    try:
+        return _train(cfg, env, resume, finetune)
+    finally:
+        env.close()
+
+
+def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) -> TrainResult:
+    e = cfg.engine
+    if e.triplet_scope not in ("rank", "global"):
+        raise ConfigError(f"engine.triplet_scope must be rank or global, got {e.triplet_scope!r}")
+    if e.threads > 0:
+        torch.set_num_threads(e.threads)
+    seed_everything(e.seed, e.deterministic)
+    device = _device(cfg, env)
+    if e.sync_bn and env.distributed and device.type != "cuda":
+        raise ConfigError("engine.sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU path); "
+                          "set engine.sync_bn=false for CPU processes")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not e.deterministic  # fixed input size: cuDNN picks the fastest kernels
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs in fp32 (cuDNN convolutions already do)
+    precision = resolve_precision(e.precision, device)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    checkpointer = Checkpointer(out, e.keep_last)
+
+    ckpt_path = find_resume_checkpoint(resume, out) if resume else None
+    state = load_checkpoint(ckpt_path) if ckpt_path else None
+    if resume == "auto" and ckpt_path is None:
+        logger.info("--resume auto: no checkpoint in %s yet, starting from scratch", out)
+    if state is not None and env.is_main:
+        changed = [k for k in _config_changes(state["config"], cfg.to_dict()) if k != "output_dir"]
+        logger.info("resuming from %s (epoch %d, iteration %d)%s", ckpt_path, state["epoch"] + 1,
+                    state.get("batch", 0), f"; settings changed since: {', '.join(changed)}" if changed else "")
 
     dataset = build_dataset(cfg.data.dataset, cfg.data.root)
-    logger.info("\n%s", dataset.summary())
     num_classes = dataset.num_train_pids
-    model = build_model_from_config(cfg, num_classes).to(device)
-    criterion = CGPNLoss(cfg.loss)
+    model = build_model_from_config(cfg, num_classes, pretrained=False if (state or finetune) else None)
+    if state is not None:
+        load_weights(model, state["model"], source=str(ckpt_path))
+    elif finetune:
+        load_weights(model, load_checkpoint(finetune)["model"], source=finetune, skip_classifiers=True)
+        logger.info("fine-tuning from %s (identity classifiers start anew)", finetune)
+    if env.is_main:
+        check_run_dir(out, _checkpoint_bytes(model, cfg.solver) * (e.keep_last + 2))
+        save_config(cfg, out / "config.yaml")
+    if e.sync_bn and env.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=torch.channels_last if e.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    loader = build_train_loader(dataset.train, cfg.data, seed=cfg.engine.seed)
-    result = TrainResult(checkpoint=out / "last.pt")
+    train_model: nn.Module = model
+    if env.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if e.compile:
+        train_model = torch.compile(train_model)
+    criterion = GlobalTripletLoss(cfg.loss) if e.triplet_scope == "global" and env.distributed else CGPNLoss(cfg.loss)
+    loader = build_seeded_train_loader(dataset.train, cfg.data, seed=e.seed, rank=env.rank,
+                                       world_size=env.world_size)
+    metrics = None
+    if env.is_main:
+        metrics = MetricsWriter(out, e.tensorboard, start_step=state.get("step", 0) if state else 0)
+    logger.info("training on %s: %d process(es), precision %s, %s%s", device, env.world_size, precision.name,
+                "channels_last" if e.channels_last else "contiguous", ", torch.compile" if e.compile else "")
 
-    if cfg.engine.eval_at_start:
-        result.evaluations[0] = evaluate_model(model, dataset, cfg, device)
-        _log_eval("untrained", result.evaluations[0])
-
-    for epoch in range(cfg.solver.epochs):
-        model.train()
-        loader.batch_sampler.set_epoch(epoch)
-        sums: dict[str, float] = {}
-        start, seen = time.perf_counter(), 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.solver.epochs}", unit="batch", leave=False)
-        for images, pids, _, _ in bar:
-            images, pids = images.to(device, non_blocking=True), pids.to(device, non_blocking=True)
-            loss, terms = criterion(model(images), pids)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            terms["total"] = float(loss.detach())
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
-            seen += len(images)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()}, refresh=False)
-        scheduler.step()
-        means = {k: v / len(loader) for k, v in sums.items()}
-        result.epoch_losses.append(means)
-        logger.info("epoch %d/%d  %s  lr %.2e  %.1f img/s", epoch + 1, cfg.solver.epochs,
-                    "  ".join(f"{k} {v:.4f}" for k, v in means.items()), optimizer.param_groups[0]["lr"],
-                    seen / (time.perf_counter() - start))
-        save_checkpoint(result.checkpoint, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch + 1, "config": cfg.to_dict(), "num_classes": num_classes,
-        })
-        last = epoch + 1 == cfg.solver.epochs
-        if last or (cfg.engine.eval_period and (epoch + 1) % cfg.engine.eval_period == 0):
-            result.evaluations[epoch + 1] = evaluate_model(model, dataset, cfg, device)
-            _log_eval(f"epoch {epoch + 1}", result.evaluations[epoch + 1])
-    return result
+    trainer = Trainer(model, train_model, criterion, optimizer, scheduler, loader, device, precision,
+                      cfg.solver.epochs, env, channels_last=e.channels_last,
+                      extra_state={"config": cfg.to_dict(), "num_classes": num_classes}, metrics=metrics)
+    trainer.register(StopOnSignal(env))
+    if env.is_main:
+        trainer.register(MetricsLogger(e.log_period, e.progress, env.world_size))
+    trainer.register(LRScheduler(),
+                     Evaluator(lambda: evaluate_model(model, dataset, cfg, device), e.eval_period,
+                               e.eval_at_start, env),
+                     PeriodicCheckpoint(checkpointer, e.checkpoint_period, e.checkpoint_steps, env))
+    if state is not None:
+        trainer.load_state_dict(state, str(ckpt_path))  # last: restores the RNG states too
+    try:
+        trainer.train()
+    finally:
+        if metrics is not None:
+            metrics.close()
+    return TrainResult(checkpoint=checkpointer.last, epoch_losses=trainer.epoch_losses,
+                       evaluations=trainer.evaluations,
+                       best_checkpoint=checkpointer.best if checkpointer.best.is_file() else None,
+                       model=model.eval(), rank=env.rank)

@@ -1,0 +1,120 @@
+"""Training on several processes with PyTorch's own stack: ``torchrun`` + DistributedDataParallel.
+
+``torchrun --nproc_per_node N -m cgpn train ...`` (add ``--nnodes``, ``--node_rank``, ``--rdzv_endpoint``
+for several machines) starts N processes and sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR`` and ``MASTER_PORT``; ``init_distributed`` reads them. Every process draws its own P x K
+batches (``PKSampler`` with rank / world size), so the global batch is N x ``data.batch_size``.
+Gradients are averaged by DDP, so every process keeps identical parameters. Only rank 0 evaluates and
+writes logs and checkpoints.
+
+The triplet loss (``engine.triplet_scope``):
+- ``rank``: each process mines its hardest positive and negative inside its own P x K batch, as one
+  GPU training with ``data.batch_size`` does; the recipe's behaviour does not change with N.
+- ``global``: features (and labels) of all processes are gathered, with gradients, and every anchor
+  is mined against the N x P x K batch: harder negatives as N grows, the loss of one big batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from cgpn.config import EngineConfig, LossConfig
+from cgpn.errors import ConfigError
+from cgpn.losses import batch_hard_triplet_loss, cross_entropy_loss, global_supervision_loss
+from cgpn.model.cgpn import CGPNOutput
+
+__all__ = ["DistEnv", "GlobalTripletLoss", "any_rank", "barrier", "init_distributed"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place: ``rank`` of ``world_size`` processes, ``local_rank`` on its machine."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False  # whether init_distributed started the process group
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that evaluates and writes logs and checkpoints."""
+        return self.rank == 0
+
+    def close(self) -> None:
+        """End the process group if ``init_distributed`` started it."""
+        if self.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed(cfg: EngineConfig) -> DistEnv:
+    """Join the process group torchrun describes in the environment; one process without torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistEnv()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = cfg.dist_backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ConfigError(f"engine.dist_backend must be auto, nccl or gloo, got {backend!r}")
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    if dist.is_initialized():
+        return DistEnv(rank, world_size, local_rank)
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
+    logger.info("process %d of %d (%s)", rank, world_size, backend)
+    if rank != 0:  # one voice: the other processes only warn
+        logging.getLogger("cgpn").setLevel(logging.WARNING)
+    return DistEnv(rank, world_size, local_rank, initialized_here=True)
+
+
+def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
+    """True on every process if ``flag`` is true on any (so that all stop at the same step)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every process (e.g. while rank 0 evaluates)."""
+    if env.distributed:
+        dist.barrier()
+
+
+class GlobalTripletLoss(torch.nn.Module):
+    """Eq. 4 with the triplet term mined over the features of all processes (``triplet_scope: global``).
+
+    Cross-entropy and MSE stay per process (DDP averages them); the gathered features carry gradients
+    back to their process, so DDP's averaging yields the gradient of the N x P x K batch's triplet loss.
+    """
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, output: CGPNOutput, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        gathered = [torch.empty_like(targets) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, targets)  # labels need no gradient
+        all_targets = torch.cat(gathered)
+        ce = cross_entropy_loss(list(output.logits.values()), targets, cfg.label_smoothing)
+        tri = sum(batch_hard_triplet_loss(torch.cat(dist_fn.all_gather(f.float())), all_targets, cfg.triplet_margin)
+                  for f in output.triplet_features)
+        mse = global_supervision_loss(output.supervision, cfg.mse_reduction, cfg.mse_detach_target)
+        total = cfg.ce_weight * ce + cfg.triplet_weight * tri + cfg.mse_weight * mse.to(ce.device)
+        return total, {"ce": float(ce.detach()), "triplet": float(tri.detach()), "mse": float(mse.detach())}

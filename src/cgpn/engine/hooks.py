@@ -1,0 +1,247 @@
+"""What happens around the training loop: stop signals, LR schedule, evaluation, checkpoints, logging.
+
+Each hook is called by ``Trainer`` at six points (fast-reid's pattern): ``before_train``,
+``before_epoch``, ``before_step``, ``after_step``, ``after_epoch``, ``after_train``. During an epoch
+``trainer.epoch`` is the 0-based epoch being trained and ``trainer.batch`` the batches done in it; in
+``after_epoch``, ``trainer.epoch`` is the number of epochs completed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from cgpn.engine.checkpoint import Checkpointer
+from cgpn.engine.distributed import DistEnv, any_rank, barrier
+from cgpn.metrics.rank import RankResult
+
+if TYPE_CHECKING:
+    from cgpn.engine.trainer import Trainer
+
+__all__ = ["Evaluator", "HookBase", "LRScheduler", "MetricsLogger", "PeriodicCheckpoint", "StopOnSignal"]
+
+logger = logging.getLogger(__name__)
+
+
+class HookBase:
+    """A no-op at every point; subclasses override the points they need. ``trainer`` is set by the Trainer."""
+
+    trainer: Trainer
+
+    def before_train(self) -> None:
+        pass
+
+    def before_epoch(self) -> None:
+        pass
+
+    def before_step(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
+    def after_epoch(self) -> None:
+        pass
+
+    def after_train(self) -> None:
+        pass
+
+
+class StopOnSignal(HookBase):
+    """Ctrl-C (SIGINT) or SIGTERM: finish the iteration, save a checkpoint, stop. A second Ctrl-C stops at once.
+
+    Under torchrun the request is shared (all-reduced) so that every process stops at the same iteration.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env, self._pid = env, os.getpid()
+        self._previous: dict[int, object] = {}
+
+    def before_train(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if os.getpid() != self._pid:  # a data loader worker forked with this handler: the main process decides
+            return
+        if self.trainer.stop_requested:
+            raise KeyboardInterrupt
+        self.trainer.stop_requested = True
+        logger.warning("%s: stopping after this iteration and saving a checkpoint (Ctrl-C again stops at once)",
+                       signal.Signals(signum).name)
+
+    def _share(self) -> None:
+        self.trainer.stop_requested = any_rank(self.trainer.stop_requested, self.env, self.trainer.device)
+
+    after_step = _share
+    after_epoch = _share
+
+    def after_train(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class LRScheduler(HookBase):
+    """Steps the trainer's epoch-based scheduler (warm-up, then x gamma at each milestone) after each epoch."""
+
+    def after_epoch(self) -> None:
+        self.trainer.scheduler.step()
+
+
+class Evaluator(HookBase):
+    """Evaluates on rank 0 every ``period`` epochs and after the last (and first with ``at_start``).
+
+    Results go to ``trainer.evaluations`` (epoch -> RankResult; 0 = untrained) and to the metrics
+    writer; a new best mAP marks the epoch's checkpoint as ``best.pt``.
+    """
+
+    def __init__(self, evaluate: Callable[[], RankResult], period: int, at_start: bool, env: DistEnv) -> None:
+        self.evaluate, self.period, self.at_start, self.env = evaluate, period, at_start, env
+
+    def before_train(self) -> None:
+        t = self.trainer
+        if self.at_start and t.step == 0 and 0 not in t.evaluations:
+            self._run(0, "untrained")
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        if t.epoch == t.max_epochs or (self.period > 0 and t.epoch % self.period == 0):
+            self._run(t.epoch, f"epoch {t.epoch}")
+
+    def _run(self, epoch: int, label: str) -> None:
+        t = self.trainer
+        if self.env.is_main:
+            result = self.evaluate()
+            t.evaluations[epoch] = result
+            logger.info("%s: %s", label, result.summary())
+            if epoch > 0 and (t.best is None or result.mAP > t.best[1]):
+                t.best, t.is_best = (epoch, float(result.mAP)), True
+            if t.metrics is not None:
+                t.metrics.write(t.step, epoch, {"eval/rank1": result.rank(1), "eval/mAP": result.mAP,
+                                                "eval/mINP": result.mINP})
+        barrier(self.env)
+
+
+class PeriodicCheckpoint(HookBase):
+    """Saves (rank 0) every ``epoch_period`` epochs, after the last and best epochs, every ``step_period``
+    iterations inside an epoch (0: never), and when a stop was requested."""
+
+    def __init__(self, checkpointer: Checkpointer, epoch_period: int, step_period: int, env: DistEnv) -> None:
+        self.checkpointer, self.epoch_period, self.step_period, self.env = checkpointer, epoch_period, step_period, env
+        self._due = False
+
+    def after_step(self) -> None:
+        t = self.trainer
+        self._due = self._due or (self.step_period > 0 and t.step % self.step_period == 0)
+        if t.stop_requested or (self._due and t.batch < t.epoch_length):  # at the epoch's end: after_epoch
+            self._save()
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        if (self._due or t.stop_requested or t.is_best or t.epoch == t.max_epochs
+                or (self.epoch_period > 0 and t.epoch % self.epoch_period == 0)):
+            self._save(best=t.is_best)
+
+    def _save(self, best: bool = False) -> None:
+        t = self.trainer
+        if self.env.is_main:
+            t.check_weights()
+            t.last_checkpoint = self.checkpointer.save(t.state_dict(), t.step, best=best)
+            logger.debug("saved %s", t.last_checkpoint)
+        self._due = False
+
+
+def _format_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class MetricsLogger(HookBase):
+    """Progress bar per epoch (each loss term, lr, images/s, ETA), log lines, scalars to ``trainer.metrics``.
+
+    Scalars are means over ``log_period`` iterations; images/s counts the images of all ``world_size``
+    processes. Without a bar (``engine.progress: false`` or stderr not a terminal) the same figures go
+    to the log every ``log_period`` iterations.
+    """
+
+    def __init__(self, log_period: int, progress: bool, world_size: int = 1) -> None:
+        self.log_period, self.progress, self.world_size = max(1, log_period), progress, world_size
+        self.bar: tqdm | None = None
+        self._step_seconds: float | None = None  # moving average of an iteration's wall time
+
+    def before_epoch(self) -> None:
+        t = self.trainer
+        self.bar = tqdm(total=t.epoch_length, initial=t.batch, desc=f"epoch {t.epoch + 1}/{t.max_epochs}",
+                        unit="it", leave=False, dynamic_ncols=True, disable=None if self.progress else True)
+        self._reset_period()
+        self._epoch_images, self._epoch_start = 0, time.perf_counter()
+        self._last = time.perf_counter()
+
+    def _reset_period(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._count, self._images, self._period_start = 0, 0, time.perf_counter()
+
+    def _eta(self) -> float:
+        t = self.trainer
+        remaining = (t.max_epochs - t.epoch - 1) * t.epoch_length + (t.epoch_length - t.batch)
+        return remaining * (self._step_seconds or 0.0)
+
+    def after_step(self) -> None:
+        t = self.trainer
+        now = time.perf_counter()
+        dt, self._last = now - self._last, now
+        self._step_seconds = dt if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * dt
+        for k, v in t.last_terms.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        images = t.last_batch_size * self.world_size
+        self._count += 1
+        self._images += images
+        self._epoch_images += images
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str("  ".join([f"{k} {v:.3f}" for k, v in t.last_terms.items()] + [
+                f"lr {t.lr:.1e}", f"{images / self._step_seconds:.1f} img/s",
+                f"run ETA {_format_eta(self._eta())}"]), refresh=False)
+        if t.step % self.log_period == 0:
+            self._flush(t.epoch + 1, t.batch)
+
+    def _flush(self, epoch: int, batch: int, log: bool = True) -> None:
+        """Write the means of the iterations since the last flush, at 1-based ``epoch``, ``batch`` done."""
+        if not self._count:
+            return
+        t = self.trainer
+        means = {k: v / self._count for k, v in self._sums.items()}
+        speed = self._images / max(time.perf_counter() - self._period_start, 1e-9)
+        if t.metrics is not None:
+            t.metrics.write(t.step, epoch, {**{f"train/{k}": v for k, v in means.items()},
+                                            "train/lr": t.lr, "train/images_per_s": speed})
+        if log and (self.bar is None or self.bar.disable):
+            logger.info("epoch %d/%d  it %d/%d  %s  lr %.2e  %.1f img/s  run ETA %s", epoch, t.max_epochs, batch,
+                        t.epoch_length, "  ".join(f"{k} {v:.4f}" for k, v in means.items()), t.lr, speed,
+                        _format_eta(self._eta()))
+        self._reset_period()
+
+    def after_epoch(self) -> None:
+        """Runs before the LR step, so the lr shown is the one this epoch trained with."""
+        t = self.trainer
+        self._flush(t.epoch, t.epoch_length, log=False)  # the epoch's line below says it
+        if self.bar is not None:
+            self.bar.close()
+        means = t.epoch_losses[-1] if t.epoch_losses else {}
+        logger.info("epoch %d/%d  %s  lr %.2e  %.1f img/s  run ETA %s", t.epoch, t.max_epochs,
+                    "  ".join(f"{k} {v:.4f}" for k, v in means.items()), t.lr,
+                    self._epoch_images / max(time.perf_counter() - self._epoch_start, 1e-9),
+                    _format_eta((t.max_epochs - t.epoch) * t.epoch_length * (self._step_seconds or 0.0)))
+
+    def after_train(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,89 @@
+"""Numeric precision of training: fp32, bf16 autocast, or fp16 autocast with a gradient scaler.
+
+``engine.precision: auto`` takes the fastest setting that is safe on the device:
+
+| device | auto |
+|---|---|
+| CUDA GPU with bf16 (compute capability 8.0+: A100, H100, RTX 30xx...) | bf16 |
+| older CUDA GPU (V100, T4...) | fp16 + GradScaler |
+| CPU with native bf16 (AVX512-BF16 or AMX: Xeon Cooper Lake / Sapphire Rapids, Zen 4+) | bf16 |
+| other CPUs (AVX2 only) | fp32: bf16 is emulated there and ~25x slower (ResNet-50 on an AVX2 EPYC) |
+
+Losses are computed outside autocast, in fp32, from the network's (possibly bf16) outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from cgpn.errors import ConfigError
+
+__all__ = ["PRECISIONS", "Precision", "cpu_has_native_bf16", "resolve_precision"]
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's own probe for AVX512-BF16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 path either
+        return False
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision: the autocast dtype (``None`` = fp32) and whether gradients are scaled."""
+
+    name: str  # fp32 | bf16 | fp16
+    device_type: str  # cpu | cuda
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
+
+    @property
+    def scaled(self) -> bool:
+        """fp16 needs loss scaling (its range underflows small gradients); bf16 does not."""
+        return self.name == "fp16"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of the forward pass (a no-op for fp32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A GradScaler, enabled only for fp16 (a disabled one passes calls through)."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.scaled)
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """The precision ``engine.precision`` asks for on ``device`` (``auto``: see the module table)."""
+    if name not in PRECISIONS:
+        raise ConfigError(f"engine.precision must be one of {', '.join(PRECISIONS)} (e.g. bf16), got {name!r}")
+    if device.type == "cuda":
+        has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        if name == "auto":
+            name = "bf16" if has_bf16 else "fp16"
+        elif name == "bf16" and not has_bf16:
+            raise ConfigError(f"engine.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16; "
+                              f"use fp16 (with a grad scaler) or fp32")
+    elif device.type == "cpu":
+        if name == "auto":
+            name = "bf16" if cpu_has_native_bf16() else "fp32"
+        elif name == "fp16":
+            raise ConfigError("engine.precision=fp16 needs a CUDA GPU; on the CPU use bf16 (CPUs with "
+                              "AVX512-BF16/AMX) or fp32")
+        elif name == "bf16" and not cpu_has_native_bf16():
+            logger.warning("engine.precision=bf16 on a CPU without native bf16 (%s): expect it to be many "
+                           "times slower than fp32", torch.backends.cpu.get_cpu_capability())
+    elif name == "auto":
+        name = "fp32"
+    return Precision(name, device.type)
