@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import io
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -26,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cgpn.config import Config
+from cgpn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cgpn.errors import DependencyError
 
 __all__ = ["OPSET", "TOLERANCE", "Embedder", "OnnxCheck", "check_onnx", "export_onnx", "import_onnxruntime",
-           "onnx_session"]
+           "onnx_session", "write_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +109,23 @@ def onnx_session(model_file: str | Path | bytes, threads: int = 0):
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     return ort.InferenceSession(model_file if isinstance(model_file, bytes) else str(model_file), options,
                                 providers=providers)
+
+
+def write_metadata(model_file: str | Path, cfg: Config, flip: bool = True) -> None:
+    """Record in the ONNX file what a user of it needs: input size, normalisation, flip, the cgpn config."""
+    try:
+        import onnx
+    except ImportError:
+        logger.warning("onnx is not installed: %s carries no metadata (pip install onnx)", model_file)
+        return
+    proto = onnx.load(str(model_file))
+    meta = {"cgpn.height": str(cfg.data.height), "cgpn.width": str(cfg.data.width),
+            "cgpn.mean": json.dumps(list(IMAGENET_MEAN)), "cgpn.std": json.dumps(list(IMAGENET_STD)),
+            "cgpn.flip": str(flip).lower(), "cgpn.normalized": "true", "cgpn.config": json.dumps(cfg.to_dict())}
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(model_file))
 
 
 @dataclass
