@@ -199,19 +199,24 @@ class FeatureExtractor:
             return target
         logger.info("exporting %s to ONNX for onnxruntime (once per checkpoint; cached in %s)", self.checkpoint,
                     folder)
+        tmp = None
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")  # written whole, then renamed: no torn files
             os.close(fd)
             export_onnx(self.model, tmp, h, w, flip=self.flip)
-            for old in folder.glob("*.onnx"):  # an earlier state of the same checkpoint file
-                old.unlink(missing_ok=True)
             os.replace(tmp, target)
+            for old in folder.glob("*.onnx"):  # graphs of earlier states of the same checkpoint file
+                if old != target:
+                    old.unlink(missing_ok=True)
         except OSError as err:
             logger.warning("cannot cache the ONNX graph in %s (%s); exporting in memory", folder, err)
             buffer = io.BytesIO()
             export_onnx(self.model, buffer, h, w, flip=self.flip)
             return buffer.getvalue()
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
         return target
 
     def preprocess(self, item: ImageInput) -> torch.Tensor:
