@@ -165,9 +165,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     fmt = args.format or ("parquet" if Path(args.out).suffix == ".parquet" else "npz")
     if fmt == "parquet":
-        from cgpn.retrieval.features import _import_pyarrow
+        from cgpn.retrieval.features import import_pyarrow
 
-        _import_pyarrow()  # before minutes of extraction
+        import_pyarrow()  # before minutes of extraction
     paths = [str(p.resolve()) for p in list_images(args.images)]
     extractor = _extractor(args, args.checkpoint)
     feats = extractor(paths).numpy()
@@ -211,7 +211,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     paths = [str(p) for p in list_images(query)] if query.is_dir() else [str(query)]
     if args.gpu:
         index.to_gpu()
-    feats = _extractor(args, checkpoint)(paths).numpy()
+    extractor = _extractor(args, checkpoint)
+    index.check_dim(extractor.feature_dim)  # before embedding a folder of queries
+    feats = extractor(paths).numpy()
     scores, rows = index.search(feats, args.topk)
     report = []
     for path, score_row, index_row in zip(paths, scores, rows):
@@ -237,14 +239,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cgpn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from cgpn.engine.checkpoint import load_model
     from cgpn.export import check_onnx, export_onnx, import_onnxruntime, write_metadata
-    from cgpn.extractor import FeatureExtractor
 
     import_onnxruntime()  # the check needs it: fail before the export
     model, cfg = load_model(args.checkpoint)
     h, w = cfg.data.height, cfg.data.width
     flip = not args.no_flip
     out = export_onnx(model, args.onnx, h, w, flip=flip, opset=args.opset)
-    dim = FeatureExtractor(model, backend="eager", flip=flip, config=cfg, device="cpu").feature_dim
+    dim = model.feature_dim
     write_metadata(out, cfg, flip=flip)
     print(f"wrote {out}: ONNX opset {args.opset}; input 'images' (batch, 3, {h}, {w}) float32, RGB scaled to [0, 1] "
           f"then normalised with mean {list(IMAGENET_MEAN)} / std {list(IMAGENET_STD)}; output 'features' "

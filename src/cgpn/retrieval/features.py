@@ -17,7 +17,7 @@ import numpy as np
 
 from cgpn.errors import ConfigError, DependencyError, IndexFileError
 
-__all__ = ["FORMATS", "FeatureFile", "load_features", "parse_market_names", "save_features"]
+__all__ = ["FORMATS", "FeatureFile", "import_pyarrow", "load_features", "parse_market_names", "save_features"]
 
 FORMAT = "cgpn-features-v1"
 FORMATS = ("npz", "parquet")
@@ -54,7 +54,8 @@ def parse_market_names(paths: Sequence[str | Path]) -> tuple[np.ndarray, np.ndar
             np.array([int(m.group(2)) - 1 for m in matches], dtype=np.int64))
 
 
-def _import_pyarrow():
+def import_pyarrow():
+    """The ``pyarrow`` module (with ``pyarrow.parquet``), or a DependencyError saying how to install it."""
     try:
         import pyarrow
         import pyarrow.parquet
@@ -76,7 +77,7 @@ def save_features(data: FeatureFile, out: str | Path, fmt: str = "npz") -> Path:
             np.savez(f, format=np.array(FORMAT), paths=np.array(data.paths, dtype=str), features=data.features,
                      checkpoint=np.array(data.checkpoint), **extra)
         return out
-    pa = _import_pyarrow()
+    pa = import_pyarrow()
     columns = {"path": pa.array(data.paths, pa.string())}
     if data.pids is not None:
         columns["pid"], columns["camid"] = pa.array(data.pids, pa.int64()), pa.array(data.camids, pa.int64())
@@ -93,7 +94,7 @@ def load_features(path: str | Path) -> FeatureFile:
         raise IndexFileError(f"features file '{path}' does not exist (write one with: cgpn extract --checkpoint C "
                              f"--images DIR --out feats.npz)")
     if path.suffix == ".parquet":
-        pa = _import_pyarrow()
+        pa = import_pyarrow()
         try:
             table = pa.parquet.read_table(path)
         except Exception as err:  # arrow raises several kinds

@@ -159,6 +159,12 @@ class GalleryIndex:
         self.index = faiss.index_cpu_to_all_gpus(self.index)
         return True
 
+    def check_dim(self, dim: int) -> None:
+        """An IndexFileError unless query features of size ``dim`` fit this index."""
+        if dim != self.dim:
+            raise IndexFileError(f"the index holds {self.dim}-d features but the query features are {dim}-d; "
+                                 f"build the index with features of the same checkpoint (or model.name)")
+
     def search(self, queries: np.ndarray, topk: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each (Q, k): cosine similarities, highest first, and gallery rows (-1: none).
 
@@ -167,9 +173,7 @@ class GalleryIndex:
             topk: results per query (at most the gallery size).
         """
         queries = np.asarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise IndexFileError(f"the index holds {self.dim}-d features but the query features are "
-                                 f"{queries.shape[-1]}-d; build the index with features of the same checkpoint")
+        self.check_dim(queries.shape[-1] if queries.ndim == 2 else -1)
         if topk < 1:
             raise ConfigError(f"--topk must be at least 1, got {topk}")
         if self.settings.kind != "flat":
