@@ -6,6 +6,7 @@ The short API::
     model = build_model("cgpn", num_classes=751)          # the network of Fig. 2
     result = evaluate(distmat, q_pids, g_pids, q_camids, g_camids)
     print(result.summary())
+    feats = FeatureExtractor("runs/demo/last.pt")(["a.jpg", "b.jpg"])   # (2, 3072), unit length
 """
 
 from cgpn.config import Config, load_config
@@ -14,9 +15,12 @@ from cgpn.engine.checkpoint import load_model
 from cgpn.engine.evaluation import evaluate_model
 from cgpn.engine.trainer import train
 from cgpn.errors import CgpnError
+from cgpn.export import check_onnx, export_onnx
+from cgpn.extractor import FeatureExtractor
 from cgpn.losses import CGPNLoss
 from cgpn.metrics.rank import RankResult, evaluate, pairwise_distance
 from cgpn.model import CGPN, build_model
+from cgpn.retrieval import GalleryIndex, load_features, save_features
 
 __version__ = "0.1.0"
 
@@ -25,14 +29,20 @@ __all__ = [
     "CGPNLoss",
     "CgpnError",
     "Config",
+    "FeatureExtractor",
+    "GalleryIndex",
     "RankResult",
     "build_dataset",
     "build_model",
+    "check_onnx",
     "evaluate",
     "evaluate_model",
+    "export_onnx",
     "generate_synthetic",
     "load_config",
+    "load_features",
     "load_model",
     "pairwise_distance",
+    "save_features",
     "train",
 ]

@@ -87,11 +87,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from cgpn.data.datasets import build_dataset
+    from cgpn.data.occlusion import parse_rates
     from cgpn.engine.checkpoint import build_model_from_config
     from cgpn.engine.evaluation import evaluate_model
     from cgpn.engine.inference import resolve_device
+    from cgpn.engine.robustness import evaluate_occlusion, occlusion_table
+    from cgpn.viz import plot_occlusion
 
+    rates = parse_rates(args.occlude) if args.occlude else []
     if args.checkpoint:
         model, cfg = _model_and_config(args)
         dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
@@ -100,8 +106,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
         model = build_model_from_config(cfg, dataset.num_train_pids)
     device = resolve_device(cfg.engine.device)
-    result = evaluate_model(model.to(device), dataset, cfg, device)
-    print(result.summary())
+    if not rates:
+        print(evaluate_model(model.to(device), dataset, cfg, device).summary())
+        return 0
+    results = evaluate_occlusion(model.to(device), dataset, cfg, device, rates)
+    print(f"clean queries: {results[0.0].summary()}")
+    print(f"query images occluded (rectangle over the body, or top/bottom cut), seed {cfg.engine.seed}:")
+    print(occlusion_table(results))
+    plot = Path(args.plot) if args.plot else (Path(args.checkpoint).parent if args.checkpoint
+                                             else Path(cfg.output_dir)) / "occlusion.png"
+    print(f"plot: {plot_occlusion(results, plot, title=args.checkpoint or cfg.model.name)}")
     return 0
 
 
@@ -142,7 +156,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     t = test_features(model.to(device), dataset, cfg, device)
     result = evaluate(t.distmat, t.q_pids, t.g_pids, t.q_camids, t.g_camids, max_rank=cfg.test.max_rank)
     rows = _pick_queries(args.queries, result, dataset.query, args.num_queries, cfg.engine.seed)
-    out = draw_ranked_lists(t.distmat.numpy(), dataset.query, dataset.gallery, rows, args.out, topk=args.topk)
+    out = draw_ranked_lists(t.distmat.numpy(), dataset.query, dataset.gallery, rows, args.out, topk=args.topk,
+                            ap=result.ap, title=f"{args.checkpoint} on {cfg.data.dataset}: {result.summary()}")
     print(result.summary())
     print(f"ranked lists of {len(rows)} queries (top {args.topk}; green = same identity, red = other): {out}")
     return 0
@@ -159,6 +174,111 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 1 if result.num_bad else 0
 
 
+def _extractor(args: argparse.Namespace, checkpoint: str):
+    from cgpn.extractor import FeatureExtractor
+
+    return FeatureExtractor(checkpoint, device=args.device, batch_size=args.batch_size, flip=not args.no_flip,
+                            backend=args.backend)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cgpn.extractor import list_images
+    from cgpn.retrieval.features import FeatureFile, parse_market_names, save_features
+
+    fmt = args.format or ("parquet" if Path(args.out).suffix == ".parquet" else "npz")
+    if fmt == "parquet":
+        from cgpn.retrieval.features import import_pyarrow
+
+        import_pyarrow()  # before minutes of extraction
+    paths = [str(p.resolve()) for p in list_images(args.images)]
+    extractor = _extractor(args, args.checkpoint)
+    feats = extractor(paths).numpy()
+    ids = parse_market_names(paths)
+    data = FeatureFile(paths, feats, *(ids or (None, None)), checkpoint=str(Path(args.checkpoint).resolve()))
+    out = save_features(data, args.out, fmt)
+    print(f"wrote {len(paths)} features ({data.dim}-d, L2-normalised, {extractor.backend}) to {out}"
+          + ("; pid/camid parsed from the names" if ids else "; names carry no pid/camid"))
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from cgpn.retrieval import GalleryIndex, IndexSettings, load_features
+
+    data = load_features(args.features)
+    if args.checkpoint:
+        data.checkpoint = args.checkpoint
+    settings = IndexSettings(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe, pq_m=args.pq_m,
+                             pq_bits=args.pq_bits)
+    index = GalleryIndex.build(data, settings)
+    out = index.save(args.out)
+    exact = "exact" if settings.kind == "flat" else "approximate"
+    print(f"indexed {len(index)} features ({index.dim}-d, {settings.kind}, {exact} inner product) in {out} "
+          f"(+ {out.name}.json)")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from cgpn.extractor import list_images
+    from cgpn.retrieval import GalleryIndex
+
+    index = GalleryIndex.load(args.index)
+    checkpoint = args.checkpoint or index.checkpoint
+    if not checkpoint:
+        raise ConfigError(f"index '{args.index}' does not name the checkpoint its features came from; "
+                          f"pass --checkpoint C (the one given to cgpn extract)")
+    query = Path(args.query)
+    paths = [str(p) for p in list_images(query)] if query.is_dir() else [str(query)]
+    if args.gpu:
+        index.to_gpu()
+    extractor = _extractor(args, checkpoint)
+    index.check_dim(extractor.feature_dim)  # before embedding a folder of queries
+    feats = extractor(paths).numpy()
+    scores, rows = index.search(feats, args.topk)
+    report = []
+    for path, score_row, index_row in zip(paths, scores, rows):
+        hits = []
+        for rank, (score, i) in enumerate(((s, i) for s, i in zip(score_row, index_row) if i >= 0), start=1):
+            hit = {"rank": rank, "score": round(float(score), 6), "path": index.paths[i]}
+            if index.pids is not None:
+                hit.update(pid=int(index.pids[i]), camid=int(index.camids[i]))
+            hits.append(hit)
+        report.append({"query": path, "results": hits})
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    for item in report:
+        print(f"query {item['query']}")
+        for hit in item["results"]:
+            ids = f"  id {hit['pid']:>5} cam {hit['camid'] + 1}" if "pid" in hit else ""
+            print(f"  {hit['rank']:>3}  {hit['score']:.4f}{ids}  {hit['path']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cgpn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from cgpn.engine.checkpoint import load_model
+    from cgpn.export import check_onnx, export_onnx, import_onnxruntime, write_metadata
+
+    import_onnxruntime()  # the check needs it: fail before the export
+    model, cfg = load_model(args.checkpoint)
+    h, w = cfg.data.height, cfg.data.width
+    flip = not args.no_flip
+    out = export_onnx(model, args.onnx, h, w, flip=flip, opset=args.opset)
+    dim = model.feature_dim
+    write_metadata(out, cfg, flip=flip)
+    print(f"wrote {out}: ONNX opset {args.opset}; input 'images' (batch, 3, {h}, {w}) float32, RGB scaled to [0, 1] "
+          f"then normalised with mean {list(IMAGENET_MEAN)} / std {list(IMAGENET_STD)}; output 'features' "
+          f"(batch, {dim}) L2-normalised{', averaged with the mirrored image' if flip else ''}; batch axis dynamic")
+    check = check_onnx(out, model, h, w, batch_size=args.check_batch, flip=flip)
+    print(f"check: {check.summary()}")
+    return 0 if check.passed else 1
+
+
 # --- parser ------------------------------------------------------------------------------------------
 
 
@@ -170,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     from cgpn.data.datasets.synthetic import SyntheticSpec
+    from cgpn.export import OPSET
+    from cgpn.retrieval.index import INDEX_KINDS, IndexSettings
 
     p = verbs.add_parser("synth", help="write the procedural synthetic data set (Market-1501 layout)")
     p.add_argument("--out", required=True, help="folder to write (bounding_box_train/, query/, ...)")
@@ -193,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a checkpoint written by cgpn train; without it, the untrained network")
     p.add_argument("--rerank", action="store_true",
                    help="k-reciprocal re-ranking (Zhong et al. 2017); shorthand for --set test.rerank=true")
+    p.add_argument("--occlude", metavar="RATES", help="also evaluate with that fraction of each query image hidden "
+                   "(comma-separated, e.g. 0.1,0.2,0.3,0.4): a table and a plot")
+    p.add_argument("--plot", help="PNG for --occlude (default: occlusion.png beside the checkpoint)")
     _add_config_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -212,7 +337,57 @@ def build_parser() -> argparse.ArgumentParser:
                          "(exit 1 if any, 2 if the data set itself is wrong)")
     _add_config_args(p)
     p.set_defaults(func=cmd_check_data)
+    p = verbs.add_parser("extract", help="features of every image under a folder -> .npz (or .parquet)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by cgpn train")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="file to write, e.g. feats.npz")
+    p.add_argument("--format", choices=["npz", "parquet"], help="npz (default; parquet if --out ends in .parquet)")
+    _add_extractor_args(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = verbs.add_parser("index", help="gallery index over extracted features (FAISS)")
+    index_verbs = p.add_subparsers(dest="index_verb", metavar="ACTION", required=True)
+    p = index_verbs.add_parser("build", help="index a features file for cgpn search")
+    p.add_argument("--features", required=True, help="a features file written by cgpn extract (.npz / .parquet)")
+    p.add_argument("--out", required=True, help="index file to write, e.g. gallery.faiss (+ gallery.faiss.json)")
+    defaults = IndexSettings()
+    p.add_argument("--kind", choices=list(INDEX_KINDS), default=defaults.kind,
+                   help="flat: exact (default); ivf / ivfpq: approximate, for galleries of millions")
+    p.add_argument("--nlist", type=int, default=defaults.nlist, help="ivf*: inverted lists (about sqrt(N) to 4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=defaults.nprobe, help="ivf*: lists visited per query")
+    p.add_argument("--pq-m", type=int, default=defaults.pq_m, help="ivfpq: sub-vectors per feature (divides D)")
+    p.add_argument("--pq-bits", type=int, default=defaults.pq_bits, help="ivfpq: bits per sub-vector code")
+    p.add_argument("--checkpoint", help="record this checkpoint for search (default: the one in the features file)")
+    p.set_defaults(func=cmd_index_build)
+
+    p = verbs.add_parser("search", help="nearest gallery images of a query image (or of every image in a folder)")
+    p.add_argument("--index", required=True, help="an index written by cgpn index build")
+    p.add_argument("--query", required=True, help="an image file or a folder of images")
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--checkpoint", help="embed the queries with this checkpoint (default: the index's)")
+    p.add_argument("--gpu", action="store_true", help="search on the GPUs when faiss has GPU support")
+    _add_extractor_args(p)
+    p.set_defaults(func=cmd_search)
+
+    p = verbs.add_parser("export", help="write the model as ONNX and check it with onnxruntime against PyTorch")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--onnx", required=True, help="file to write, e.g. model.onnx")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    p.add_argument("--no-flip", action="store_true", help="leave flip averaging out of the graph")
+    p.add_argument("--check-batch", type=int, default=4, help="size of the random batch of the check")
+    p.set_defaults(func=cmd_export)
     return parser
+
+
+def _add_extractor_args(p: argparse.ArgumentParser) -> None:
+    from cgpn.extractor import BACKENDS
+
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--backend", choices=list(BACKENDS), default="auto",
+                   help="auto (CPU: onnxruntime; GPU: eager) | eager | channels_last | bf16 | compile | onnx")
+    p.add_argument("--no-flip", action="store_true", help="skip averaging with the mirrored image")
 
 
 def main(argv: list[str] | None = None) -> int:

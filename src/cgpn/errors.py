@@ -10,7 +10,9 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DatasetError",
+    "DependencyError",
     "ImageError",
+    "IndexFileError",
     "PretrainedWeightsError",
 ]
 
@@ -39,3 +41,11 @@ class CheckpointError(CgpnError):
 
 class PretrainedWeightsError(CgpnError):
     """ImageNet weights that cannot be downloaded or loaded."""
+
+
+class DependencyError(CgpnError):
+    """An optional package (faiss, onnxruntime, pyarrow) that a command needs but that is not installed."""
+
+
+class IndexFileError(CgpnError):
+    """A gallery index or features file that is missing, corrupt, or does not fit the query features."""

@@ -1,13 +1,14 @@
-"""Pictures: ranked lists in the layout of the paper's Fig. 5.
+"""Pictures: ranked lists in the layout of the paper's Fig. 5, and Rank-1 / mAP against occlusion.
 
-Each row is a query followed by its top-k gallery images, nearest first; a true match is framed green,
-a wrong one red, and every tile carries its rank and distance. Gallery images excluded by the protocol
-(same identity and camera as the query, junk) are left out of the list, as in evaluation.
+Each row of a ranked list is a query (blue frame) followed by its top-k gallery images, nearest first;
+a true match is framed green, a wrong one red, and every tile carries its rank and distance. Gallery
+images excluded by the protocol (same identity and camera as the query, junk) are left out of the
+list, as in evaluation. A header line says what the colours mean, so the picture reads on its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,11 @@ from PIL import Image, ImageDraw, ImageFont
 from cgpn.data.datasets.base import Sample
 from cgpn.data.loader import read_image
 
-__all__ = ["draw_ranked_lists", "ranked_gallery"]
+__all__ = ["BLUE", "GREEN", "RED", "draw_ranked_lists", "plot_occlusion", "ranked_gallery"]
 
-GREEN, RED, GREY = (20, 170, 40), (210, 30, 30), (90, 90, 90)
+GREEN, RED, BLUE = (20, 170, 40), (210, 30, 30), (30, 90, 210)  # true match, wrong match, query
+BORDER = 4  # frame width in pixels
+GAP = 16  # space between the query and its list
 
 
 def ranked_gallery(distances: np.ndarray, query: Sample, gallery: Sequence[Sample], topk: int) -> list[int]:
@@ -29,42 +32,94 @@ def ranked_gallery(distances: np.ndarray, query: Sample, gallery: Sequence[Sampl
     return keep[:topk]
 
 
-def _tile(sample: Sample, size: tuple[int, int], frame: tuple[int, int, int], caption: str,
-          font: ImageFont.ImageFont, border: int = 4) -> Image.Image:
+def _tile(sample: Sample, size: tuple[int, int], frame: tuple[int, int, int], lines: Sequence[str],
+          font: ImageFont.FreeTypeFont) -> Image.Image:
+    """The image inside a coloured frame, with up to two caption lines under it."""
     w, h = size
-    tile = Image.new("RGB", (w, h + 16), "white")
+    line_h = font.size + 3
+    tile = Image.new("RGB", (w, h + 2 * line_h + 2), "white")
     tile.paste(frame, (0, 0, w, h))
-    tile.paste(read_image(sample.path).resize((w - 2 * border, h - 2 * border)), (border, border))
-    ImageDraw.Draw(tile).text((2, h + 2), caption, fill=(0, 0, 0), font=font)
+    tile.paste(read_image(sample.path).resize((w - 2 * BORDER, h - 2 * BORDER), Image.BILINEAR), (BORDER, BORDER))
+    draw = ImageDraw.Draw(tile)
+    for i, line in enumerate(lines[:2]):
+        draw.text((1, h + 1 + i * line_h), line, fill=(0, 0, 0), font=font)
     return tile
 
 
 def draw_ranked_lists(distmat: np.ndarray, query: Sequence[Sample], gallery: Sequence[Sample],
                       query_indices: Sequence[int], out: str | Path, topk: int = 10,
-                      tile_size: tuple[int, int] = (64, 128)) -> Path:
+                      tile_size: tuple[int, int] = (64, 128), ap: Sequence[float] | None = None,
+                      title: str = "") -> Path:
     """Draw one row per query in ``query_indices`` and save the picture (PNG) to ``out``.
 
     Args:
         distmat: (num_query, num_gallery) distances.
         query, gallery: the samples the rows and columns of ``distmat`` stand for.
         query_indices: which queries to draw, top to bottom.
-        topk: gallery images per row.
+        topk: gallery images per row (fewer when the protocol leaves fewer).
         tile_size: (width, height) of each image in pixels.
+        ap: (num_query,) average precision per query, printed under the query when given.
+        title: first header line (e.g. the model and its Rank-1 / mAP).
     """
-    font = ImageFont.load_default()
     w, h = tile_size
-    gap, label_w = 12, 0
-    canvas = Image.new("RGB", (w + gap + topk * (w + 4), len(query_indices) * (h + 16 + 6) + 4), "white")
+    font = ImageFont.load_default(size=max(10, min(14, w // 5)))
+    small = ImageFont.load_default(size=max(9, min(12, w // 6)))
+    line_h = font.size + 3
+    tile_h = h + 2 * (small.size + 3) + 2  # what _tile makes
+    header = [title] if title else []
+    header.append(f"query (blue), then its top {topk} gallery images, nearest first: green = same identity, "
+                  f"red = another; under each: rank and distance")
+    head_h = 6 + len(header) * (line_h + 2)
+    width = max(w + GAP + topk * (w + 4), 10 + max(int(font.getlength(t)) for t in header))
+    canvas = Image.new("RGB", (width, head_h + len(query_indices) * (tile_h + 8) + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(header):
+        draw.text((4, 4 + i * (line_h + 2)), text, fill=(0, 0, 0), font=font)
     for row, qi in enumerate(query_indices):
-        y = 4 + row * (h + 22)
+        y = head_h + row * (tile_h + 8)
         q = query[qi]
-        canvas.paste(_tile(q, tile_size, GREY, f"query {q.pid}", font), (label_w, y))
+        q_lines = [f"id {q.pid} cam {q.camid + 1}"]
+        if ap is not None and np.isfinite(ap[qi]):
+            q_lines.append(f"AP {ap[qi]:.2f}")
+        canvas.paste(_tile(q, tile_size, BLUE, q_lines, small), (0, y))
         for col, gi in enumerate(ranked_gallery(np.asarray(distmat[qi]), q, gallery, topk)):
             g = gallery[gi]
             frame = GREEN if g.pid == q.pid else RED
-            tile = _tile(g, tile_size, frame, f"{col + 1}: {float(distmat[qi][gi]):.2f}", font)
-            canvas.paste(tile, (w + gap + col * (w + 4), y))
+            lines = [f"{col + 1}: {float(distmat[qi][gi]):.2f}", f"id {g.pid}"]
+            canvas.paste(_tile(g, tile_size, frame, lines, small), (w + GAP + col * (w + 4), y))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)
+    return out
+
+
+def plot_occlusion(results: Mapping[float, object], out: str | Path, title: str = "") -> Path:
+    """Rank-1 and mAP (%) against the occluded fraction of the query images, saved as a PNG.
+
+    Args:
+        results: rate -> ``RankResult`` (anything with ``rank(k)`` and ``mAP``), as ``evaluate_occlusion`` returns.
+        out: PNG file to write.
+        title: plot title (e.g. the checkpoint).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted(results)
+    x = [100 * r for r in rates]
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    ax.plot(x, [100 * results[r].rank(1) for r in rates], "o-", label="Rank-1")
+    ax.plot(x, [100 * results[r].mAP for r in rates], "s--", label="mAP")
+    ax.set_xlabel("query area hidden (%)")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "Rank-1 / mAP under synthetic occlusion", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
     return out

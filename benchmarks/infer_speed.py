@@ -1,0 +1,161 @@
+"""Images per second of each inference path of FeatureExtractor against eager fp32 PyTorch, in one run.
+
+For every path (eager fp32, channels_last, bf16 autocast, torch.compile, ONNX Runtime) it prints the
+setup time (export / compile), images/s on a batch of real images (flip-averaged, as the extractor
+runs), the ratio to eager fp32, the smallest feature cosine to eager fp32, and, with --rank, Rank-1
+and mAP on the CUHK03-NP mini set (query against gallery). A path is *safe* when cosine >= 0.999 and
+Rank-1 equals eager's. The goal of issue 7 is >= 3x eager fp32 on the CPU.
+
+    python benchmarks/infer_speed.py --device cpu                       # CGPN-R50 at 384 x 128
+    python benchmarks/infer_speed.py --device cpu --rank --checkpoint runs/x/last.pt
+    python benchmarks/infer_speed.py --device cuda --paths eager,channels_last,bf16,compile,onnx --rank
+
+Timings on a shared machine are noisy: compare ratios within one run, and rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cgpn.config import Config
+from cgpn.data.datasets import build_dataset
+from cgpn.engine.checkpoint import build_model_from_config, load_model
+from cgpn.extractor import FeatureExtractor
+from cgpn.metrics.rank import evaluate, pairwise_distance
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CGPN_SHARED", ROOT.parent / "shared"))  # as in tests/conftest.py
+DEFAULT_DATA = SHARED / "data" / "cuhk03-np-mini" / "labeled"
+PATHS = ("eager", "channels_last", "bf16", "compile", "onnx")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, from {', '.join(PATHS)}")
+    p.add_argument("--checkpoint", help="a trained checkpoint (default: an untrained CGPN of --backbone)")
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--height", type=int, default=384)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8, help="images per timed forward pass (x2 with the mirror)")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per path (median reported)")
+    p.add_argument("--slow-factor", type=float, default=4.0,
+                   help="a path this many times slower than eager on one image is timed on that image only")
+    p.add_argument("--data-root", default=str(DEFAULT_DATA), help="Market-layout folder (query/, bounding_box_test/)")
+    p.add_argument("--rank", action="store_true", help="also Rank-1 / mAP of each path on the data set")
+    p.add_argument("--rank-ids", type=int, default=0, help="with --rank: only the first N test identities (0: all)")
+    return p.parse_args()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(extractor: FeatureExtractor, batch: torch.Tensor, repeats: int) -> float:
+    """Median seconds of ``repeats`` passes over ``batch`` (after one untimed warm-up pass)."""
+    extractor.features(batch)
+    times = []
+    for _ in range(repeats):
+        _sync(extractor.device)
+        start = time.perf_counter()
+        extractor.features(batch)
+        _sync(extractor.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> int:
+    args = parse_args()
+    paths = [p for p in args.paths.split(",") if p]
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        sys.exit(f"unknown path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+    if "eager" not in paths:
+        paths.insert(0, "eager")
+    if args.checkpoint:
+        model, cfg = load_model(args.checkpoint)
+    else:
+        cfg = Config.from_dict({"model": {"backbone": args.backbone, "pretrained": False},
+                                "data": {"height": args.height, "width": args.width}})
+        torch.manual_seed(0)
+        model = build_model_from_config(cfg, num_classes=751, pretrained=False)
+    data = build_dataset("market1501", args.data_root)
+    device = torch.device(args.device)
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = "not installed"
+    print(f"CGPN ({cfg.model.backbone}) at {cfg.data.height}x{cfg.data.width}, flip-averaged, batch {args.batch_size}, "
+          f"device {device}, torch {torch.__version__} ({torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}), onnxruntime {ort_version}")
+
+    probe_extractor = FeatureExtractor(model, device=args.device, backend="eager", config=cfg, progress=False)
+    batch = torch.stack([probe_extractor.preprocess(s.path) for s in data.query[: args.batch_size]])
+    one = batch[:1]
+
+    rank_sets = None
+    if args.rank:
+        test_ids = sorted({s.pid for s in data.query})
+        keep = set(test_ids[: args.rank_ids]) if args.rank_ids else set(test_ids)
+        rank_sets = ([s for s in data.query if s.pid in keep], [s for s in data.gallery if s.pid in keep])
+        print(f"ranking {len(rank_sets[0])} queries against {len(rank_sets[1])} gallery images of {args.data_root}")
+
+    rows, reference, eager_rate, eager_rank = [], None, None, None
+    for name in paths:
+        start = time.perf_counter()
+        try:
+            extractor = FeatureExtractor(model, device=args.device, backend=name, config=cfg,
+                                         batch_size=args.batch_size, progress=False)
+            extractor.features(one)  # compile / export / first-call work counts as setup
+        except Exception as err:  # a path that cannot run here (no compiler, no onnxruntime...) is reported
+            print(f"{name:<14} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            continue
+        setup = time.perf_counter() - start
+        start = time.perf_counter()
+        feats_one = extractor.features(one)
+        one_time = time.perf_counter() - start
+        if eager_rate is not None and one_time > args.slow_factor / eager_rate:
+            rate, note = 1 / one_time, "1 image only (slow path)"
+            cosine = float((feats_one * reference[:1]).sum(1).min())
+        else:
+            rate, note = len(batch) / _time(extractor, batch, args.repeats), ""
+            feats = extractor.features(batch)
+            if reference is None:
+                reference = feats
+            cosine = float((feats * reference).sum(1).min())
+        if eager_rate is None:
+            eager_rate = rate
+        rank = ""
+        if rank_sets is not None and note:
+            rank = "(ranking skipped: slow path)"
+        elif rank_sets is not None and cosine >= 0.999:
+            extractor.progress = None
+            qf = extractor([s.path for s in rank_sets[0]])
+            gf = extractor([s.path for s in rank_sets[1]])
+            ids = [np.array([getattr(s, k) for s in subset]) for subset in rank_sets for k in ("pid", "camid")]
+            result = evaluate(pairwise_distance(qf, gf), ids[0], ids[2], ids[1], ids[3])
+            eager_rank = eager_rank or result
+            same = "same" if result.rank(1) == eager_rank.rank(1) else "DIFFERENT"
+            rank = f"{100 * result.rank(1):6.1f} {100 * result.mAP:6.1f}  ({same} Rank-1 as eager)"
+        rows.append((name, setup, rate, rate / eager_rate, cosine, rank, note))
+        print(f"{name:<14} setup {setup:7.1f} s  {rate:8.2f} img/s  {rate / eager_rate:5.2f}x eager  "
+              f"min cosine {cosine:.6f}  {rank} {note}".rstrip(), flush=True)
+
+    safe = [r for r in rows if r[4] >= 0.999 and "DIFFERENT" not in r[5] and not r[6]]
+    best = max(safe, key=lambda r: r[2])
+    print(f"\nfastest safe path: {best[0]} at {best[2]:.2f} img/s = {best[3]:.2f}x eager fp32 (goal: 3x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

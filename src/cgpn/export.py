@@ -1,0 +1,163 @@
+"""ONNX export: the test feature as one graph that runs without PyTorch, checked with onnxruntime.
+
+The exported graph is the whole test-time feature of Section 4.2: normalised images (B, 3, H, W) in,
+the flip-averaged, L2-normalised 3072-d CGPN feature (B, 3072) out. The batch axis is dynamic; height
+and width are fixed to the checkpoint's ``data.height`` x ``data.width`` (the stripe rows of Fig. 2
+depend on them).
+
+Example:
+    >>> model, cfg = load_model("runs/demo/last.pt")
+    >>> export_onnx(model, "model.onnx", cfg.data.height, cfg.data.width)
+    >>> check = check_onnx("model.onnx", model, cfg.data.height, cfg.data.width)
+    >>> check.max_abs_diff <= 1e-4
+    True
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cgpn.config import Config
+from cgpn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cgpn.errors import DependencyError
+
+__all__ = ["OPSET", "TOLERANCE", "Embedder", "OnnxCheck", "check_onnx", "export_onnx", "import_onnxruntime",
+           "onnx_session", "write_metadata"]
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17  # ONNX opset of the exported graph (onnxruntime >= 1.14 runs it)
+TOLERANCE = 1e-4  # largest absolute difference accepted between onnxruntime and PyTorch features
+
+
+class Embedder(nn.Module):
+    """A network's test feature: ``model(x)`` averaged with ``model(x mirrored)``, then L2-normalised.
+
+    Image and mirror go through the network as one batch of 2B, which is what an exported graph and
+    a CPU run want (one large batch rather than two).
+    """
+
+    def __init__(self, model: nn.Module, flip: bool = True, normalize: bool = True) -> None:
+        super().__init__()
+        self.model, self.flip, self.normalize = model, flip, normalize
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, D) features (fp32 even under bf16 autocast)."""
+        if self.flip:
+            f = self.model(torch.cat([images, images.flip(3)])).float()  # (2B, D): images, then mirrors
+            f = f.reshape(2, -1, f.shape[1]).mean(0)  # (B, D)
+        else:
+            f = self.model(images).float()
+        return F.normalize(f, dim=1) if self.normalize else f
+
+
+def import_onnxruntime():
+    """The ``onnxruntime`` module, or a DependencyError saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DependencyError("onnxruntime is not installed (needed to run or check ONNX files); "
+                              "install it with: pip install onnxruntime  (or pip install 'cgpn[serve]')") from None
+    return onnxruntime
+
+
+def export_onnx(model: nn.Module, out: str | Path | io.BytesIO, height: int, width: int, flip: bool = True,
+                normalize: bool = True, opset: int = OPSET) -> str | Path | io.BytesIO:
+    """Write the test feature of ``model`` (see ``Embedder``) to ``out`` as ONNX with a dynamic batch axis.
+
+    Args:
+        model: a CGPN (any ``nn.Module`` mapping (B, 3, H, W) to (B, D) in eval mode).
+        out: file path, or a BytesIO to keep the graph in memory.
+        height, width: input size the graph is fixed to (the checkpoint's ``data.height`` / ``data.width``).
+        flip, normalize: average with the mirrored image; L2-normalise the result.
+        opset: ONNX opset version.
+    """
+    was_training = model.training
+    embedder = Embedder(model.eval(), flip=flip, normalize=normalize).cpu()
+    example = torch.randn(2, 3, height, width)
+    if isinstance(out, (str, Path)):
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # The legacy exporter warns that it is legacy, and that the stripe rows (Python ints computed
+        # from the fixed height) become constants, which is what we want: only the batch is dynamic.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(embedder, (example,), out, dynamo=False, opset_version=opset,
+                          input_names=["images"], output_names=["features"],
+                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+                          do_constant_folding=True)
+    model.train(was_training)
+    return out
+
+
+def onnx_session(model_file: str | Path | bytes, threads: int = 0):
+    """An onnxruntime CPU (or CUDA, when available) session with every graph optimisation on."""
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    return ort.InferenceSession(model_file if isinstance(model_file, bytes) else str(model_file), options,
+                                providers=providers)
+
+
+def write_metadata(model_file: str | Path, cfg: Config, flip: bool = True) -> None:
+    """Record in the ONNX file what a user of it needs: input size, normalisation, flip, the cgpn config."""
+    try:
+        import onnx
+    except ImportError:
+        logger.warning("onnx is not installed: %s carries no metadata (pip install onnx)", model_file)
+        return
+    proto = onnx.load(str(model_file))
+    meta = {"cgpn.height": str(cfg.data.height), "cgpn.width": str(cfg.data.width),
+            "cgpn.mean": json.dumps(list(IMAGENET_MEAN)), "cgpn.std": json.dumps(list(IMAGENET_STD)),
+            "cgpn.flip": str(flip).lower(), "cgpn.normalized": "true", "cgpn.config": json.dumps(cfg.to_dict())}
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(model_file))
+
+
+@dataclass
+class OnnxCheck:
+    """onnxruntime against PyTorch on one random batch."""
+
+    batch_size: int
+    max_abs_diff: float
+    min_cosine: float
+    tolerance: float = TOLERANCE
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    def summary(self) -> str:
+        verdict = "OK" if self.passed else "FAILED"
+        return (f"onnxruntime vs PyTorch on a random batch of {self.batch_size}: max abs difference "
+                f"{self.max_abs_diff:.2e} (limit {self.tolerance:.0e}), min cosine {self.min_cosine:.6f}: {verdict}")
+
+
+@torch.inference_mode()
+def check_onnx(model_file: str | Path | bytes, model: nn.Module, height: int, width: int, batch_size: int = 4,
+               flip: bool = True, normalize: bool = True, seed: int = 0) -> OnnxCheck:
+    """Run a random (batch_size, 3, height, width) batch through the ONNX file and through PyTorch."""
+    session = onnx_session(model_file)
+    images = torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(seed))
+    was_training = model.training
+    expected = Embedder(model.eval(), flip=flip, normalize=normalize)(images).float().cpu().numpy()
+    model.train(was_training)
+    got = session.run(["features"], {"images": images.numpy()})[0]
+    if got.shape != expected.shape:
+        return OnnxCheck(batch_size, float("inf"), float("nan"))
+    cos = (got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+    return OnnxCheck(batch_size, float(np.abs(got - expected).max()), float(cos.min()))

@@ -1,0 +1,73 @@
+"""ONNX export: onnxruntime against the PyTorch network at dynamic batch sizes 1 and 7; the export command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cgpn.engine.checkpoint import load_model
+from cgpn.export import OPSET, check_onnx, export_onnx
+from serve_helpers import HEIGHT, WIDTH, cli, error_line, make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def _run(path: Path, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": x.numpy()})[0]
+
+
+def test_onnx_matches_pytorch_at_batch_sizes_1_and_7(checkpoint: Path, tmp_path: Path) -> None:
+    model, _ = load_model(checkpoint)
+    model.eval()
+    raw = export_onnx(model, tmp_path / "raw.onnx", HEIGHT, WIDTH, flip=False, normalize=False)
+    full = export_onnx(model, tmp_path / "full.onnx", HEIGHT, WIDTH)
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            f, f_mirror = model(x), model(x.flip(3))
+        expected_full = F.normalize((f + f_mirror) / 2, dim=1)
+        got_raw, got_full = _run(raw, x), _run(full, x)
+        assert got_raw.shape == got_full.shape == (batch, 3072)
+        assert np.abs(got_raw - f.numpy()).max() <= 1e-4  # the network's own 3072-d output
+        assert np.abs(got_full - expected_full.numpy()).max() <= 1e-4  # flip-averaged and normalised
+    for batch in (1, 7):
+        check = check_onnx(full, model, HEIGHT, WIDTH, batch_size=batch)
+        assert check.passed and check.max_abs_diff <= 1e-4 and check.min_cosine > 0.9999
+
+
+def test_export_command_checks_and_describes_the_file(checkpoint: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "model.onnx"
+    run = cli(capsys, "export", "--checkpoint", str(checkpoint), "--onnx", str(out), "--check-batch", "7")
+    assert run.returncode == 0, run.stderr
+    assert f"opset {OPSET}" in run.stdout and f"(batch, 3, {HEIGHT}, {WIDTH})" in run.stdout
+    check_line = next(line for line in run.stdout.splitlines() if line.startswith("check:"))
+    assert "random batch of 7" in check_line and check_line.endswith("OK")
+    diff = float(check_line.split("max abs difference ")[1].split()[0])
+    assert diff <= 1e-4
+
+    proto = onnx.load(str(out), load_external_data=False)
+    assert proto.opset_import[0].version == OPSET
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param == "batch"  # dynamic batch axis
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert (meta["cgpn.height"], meta["cgpn.width"], meta["cgpn.flip"]) == (str(HEIGHT), str(WIDTH), "true")
+
+
+def test_export_without_onnxruntime_is_one_line(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if onnxruntime were not installed
+    line = error_line(cli(capsys, "export", "--checkpoint", str(checkpoint), "--onnx", str(tmp_path / "m.onnx")))
+    assert "onnxruntime is not installed" in line and "pip install onnxruntime" in line
+    assert not (tmp_path / "m.onnx").exists()

@@ -1,0 +1,161 @@
+"""FeatureExtractor: every input type, flip averaging against a hand-written reference, the CPU backends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cgpn.engine.checkpoint import load_model
+from cgpn.errors import CheckpointError, DatasetError, ImageError
+from cgpn.extractor import FeatureExtractor, list_images
+from serve_helpers import HEIGHT, WIDTH, make_checkpoint
+
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three RGB images of another size than the network's input (128 x 64), as PNG (lossless)."""
+    folder = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        pixels = rng.integers(0, 256, size=(128, 64, 3), dtype=np.uint8)
+        pixels[: 40 + 20 * i] //= 2  # images differ in structure, not only noise
+        paths.append(folder / f"img{i}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def eager(checkpoint: Path) -> FeatureExtractor:
+    """The reference path: fp32 PyTorch, flip-averaged."""
+    return FeatureExtractor(checkpoint, device="cpu", backend="eager", batch_size=2)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CGPN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "onnx_cache"))
+
+
+def _manual_input(path: Path) -> torch.Tensor:
+    """(3, 64, 32) by hand: PIL bilinear resize, scale to [0, 1], ImageNet mean / std."""
+    img = Image.open(path).convert("RGB").resize((WIDTH, HEIGHT), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+    return (x - MEAN[:, None, None]) / STD[:, None, None]
+
+
+def test_every_input_type_gives_the_same_features(eager: FeatureExtractor, images: list[Path]) -> None:
+    extractor = eager
+    arrays = [np.array(Image.open(p).convert("RGB")) for p in images]
+    uint8 = [torch.from_numpy(a).permute(2, 0, 1) for a in arrays]
+    inputs = {
+        "str paths": [str(p) for p in images],
+        "Path objects": list(images),
+        "PIL images": [Image.open(p) for p in images],
+        "HWC uint8 arrays": arrays,
+        "(N, H, W, 3) array": np.stack(arrays),
+        "CHW uint8 tensors": uint8,
+        "CHW float tensors in [0, 1]": [t.float() / 255 for t in uint8],
+        "(N, 3, H, W) tensor": torch.stack(uint8),
+    }
+    reference = extractor(inputs["str paths"])
+    assert reference.shape == (3, 3072)  # 12 features x 256 (paper, Section 3)
+    torch.testing.assert_close(reference.norm(dim=1), torch.ones(3))
+    for name, value in inputs.items():
+        torch.testing.assert_close(extractor(value), reference, atol=1e-6, rtol=0, msg=name)
+    torch.testing.assert_close(extractor(images[1]), reference[1:2], atol=1e-6, rtol=0)  # a single image
+
+
+def test_flip_averaging_matches_a_manual_average(checkpoint: Path, eager: FeatureExtractor,
+                                                 images: list[Path]) -> None:
+    model, _ = load_model(checkpoint)
+    model.eval()
+    x = torch.stack([_manual_input(p) for p in images])
+    with torch.no_grad():
+        raw, mirrored = model(x), model(x.flip(3))
+    flipped = eager(images)
+    plain = FeatureExtractor(model, device="cpu", backend="eager", flip=False, config=eager.config)(images)
+    torch.testing.assert_close(flipped, F.normalize((raw + mirrored) / 2, dim=1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(plain, F.normalize(raw, dim=1), atol=1e-5, rtol=1e-4)
+    assert (flipped - plain).abs().max() > 1e-3  # the mirror does change the feature
+
+
+@pytest.mark.parametrize("backend", ["onnx", "channels_last", "bf16"])
+def test_fast_backends_agree_with_eager_fp32(checkpoint: Path, eager: FeatureExtractor, images: list[Path],
+                                             backend: str) -> None:
+    fast = FeatureExtractor(checkpoint, device="cpu", backend=backend)(images)
+    cosine = (eager(images) * fast).sum(1)
+    assert cosine.min() >= (0.999 if backend == "bf16" else 0.99999), cosine
+
+
+def test_auto_on_cpu_is_onnxruntime_with_a_cached_graph(checkpoint: Path, images: list[Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    first = FeatureExtractor(checkpoint, device="cpu")
+    assert first.backend == "onnx"
+    cached = list(Path(first._onnx_graph()).parent.glob("*.onnx"))
+    assert len(cached) == 1
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the cached graph should have been used")
+
+    monkeypatch.setattr("cgpn.extractor.export_onnx", no_export)
+    second = FeatureExtractor(checkpoint, device="cpu")
+    torch.testing.assert_close(second(images), first(images))
+
+
+def test_progress_bar_on_request(eager: FeatureExtractor, images: list[Path], capsys: pytest.CaptureFixture,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(eager, "progress", True)
+    eager(images)
+    assert "3/3" in capsys.readouterr().err
+    monkeypatch.setattr(eager, "progress", None)  # default: no bar for a list that fits in one batch
+    eager(images[:2])
+    assert "features" not in capsys.readouterr().err
+
+
+def test_user_errors(eager: FeatureExtractor, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    extractor = eager
+    with pytest.raises(ImageError, match=r"broken\.jpg"):
+        extractor([bad])
+    with pytest.raises(ImageError, match=r"\(H, W, 3\) uint8"):
+        extractor(np.zeros((64, 32), np.uint8))
+    not_cgpn = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, not_cgpn)
+    with pytest.raises(CheckpointError, match="not a cgpn checkpoint"):
+        FeatureExtractor(not_cgpn)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="holds no image"):
+        list_images(empty)
+
+
+@pytest.mark.slow
+def test_default_path_keeps_rank1_on_cuhk03_mini(shared_data: Path, tmp_path: Path) -> None:
+    """Eager fp32 and the default CPU path rank the real CUHK03 mini set the same way."""
+    from cgpn.data.datasets import build_dataset
+    from cgpn.metrics.rank import evaluate, pairwise_distance
+
+    ckpt = make_checkpoint(tmp_path / "r18.pt")
+    data = build_dataset("market1501", shared_data / "cuhk03-np-mini" / "labeled")
+    results = {}
+    for backend in ("eager", "auto"):
+        extractor = FeatureExtractor(ckpt, device="cpu", backend=backend, batch_size=64)
+        qf, gf = extractor([s.path for s in data.query]), extractor([s.path for s in data.gallery])
+        ids = [np.array([getattr(s, k) for s in subset]) for subset in (data.query, data.gallery)
+               for k in ("pid", "camid")]
+        results[backend] = evaluate(pairwise_distance(qf, gf), ids[0], ids[2], ids[1], ids[3])
+    assert results["auto"].rank(1) == results["eager"].rank(1)
+    assert abs(results["auto"].mAP - results["eager"].mAP) < 1e-3

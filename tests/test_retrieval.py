@@ -1,0 +1,185 @@
+"""extract -> index -> search against a brute-force NumPy search; feature files; the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cgpn.errors import ConfigError, IndexFileError
+from cgpn.extractor import FeatureExtractor
+from cgpn.retrieval import (
+    FeatureFile,
+    GalleryIndex,
+    IndexSettings,
+    load_features,
+    parse_market_names,
+    save_features,
+)
+from serve_helpers import cli, error_line, make_checkpoint, run_cli
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture
+def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path_factory.getbasetemp() / "onnx_cache"
+    monkeypatch.setenv("CGPN_CACHE_DIR", str(folder))
+    return folder
+
+
+def _unit(rows: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(rows, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _brute_force(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries @ gallery.T
+    rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, rows, axis=1), rows
+
+
+def test_extract_index_search_equals_brute_force(tiny_synth: Path, checkpoint: Path, cache: Path,
+                                                tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    feats, index = tmp_path / "gallery.npz", tmp_path / "gallery.faiss"
+    extract = cli(capsys, "extract", "--checkpoint", str(checkpoint), "--images", str(tiny_synth / "bounding_box_test"),
+                  "--out", str(feats), "--backend", "eager")
+    assert extract.returncode == 0, extract.stderr
+    build = cli(capsys, "index", "build", "--features", str(feats), "--out", str(index))
+    assert build.returncode == 0, build.stderr
+    search = cli(capsys, "search", "--index", str(index), "--query", str(tiny_synth / "query"), "--topk", "5", "--json",
+                 "--backend", "eager")
+    assert search.returncode == 0, search.stderr
+    report = json.loads(search.stdout)
+
+    gallery = np.load(feats)
+    names = sorted(p.name for p in (tiny_synth / "bounding_box_test").glob("*.jpg"))
+    assert [Path(p).name for p in gallery["paths"]] == names
+    assert gallery["features"].shape == (len(names), 3072)
+    assert gallery["pids"].tolist() == [int(n[:4]) for n in names]  # 0007_c2s1_... -> pid 7, camid 1
+    assert gallery["camids"].tolist() == [int(n.split("_c")[1][0]) - 1 for n in names]
+
+    queries = [r["query"] for r in report]
+    assert [Path(q).name for q in queries] == sorted(p.name for p in (tiny_synth / "query").glob("*.jpg"))
+    qf = FeatureExtractor(checkpoint, device="cpu", backend="eager")(queries).numpy()
+    scores, rows = _brute_force(qf, gallery["features"], 5)
+    for r, score_row, index_row in zip(report, scores, rows):
+        assert [h["path"] for h in r["results"]] == [str(gallery["paths"][i]) for i in index_row]
+        assert [h["pid"] for h in r["results"]] == gallery["pids"][index_row].tolist()
+        np.testing.assert_allclose([h["score"] for h in r["results"]], score_row, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_index_equals_brute_force(kind: str, tmp_path: Path) -> None:
+    """Flat is exact; IVF visiting every list (nprobe = nlist) must be exact too."""
+    gallery, queries = _unit(300, 48, 0), _unit(20, 48, 1)
+    data = FeatureFile([f"g{i}.jpg" for i in range(300)], gallery)
+    GalleryIndex.build(data, IndexSettings(kind=kind, nlist=6, nprobe=6)).save(tmp_path / "g.faiss")
+    index = GalleryIndex.load(tmp_path / "g.faiss")
+    scores, rows = index.search(queries, topk=10)
+    ref_scores, ref_rows = _brute_force(queries, gallery, 10)
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    assert index.paths[rows[0, 0]] == f"g{ref_rows[0, 0]}.jpg"
+    assert index.search(queries, topk=1000)[1].shape == (20, 300)  # topk capped at the gallery size
+
+
+def test_ivfpq_finds_each_gallery_vector_itself(tmp_path: Path) -> None:
+    gallery = _unit(256, 32, 2)
+    index = GalleryIndex.build(FeatureFile([str(i) for i in range(256)], gallery),  # 4-bit codes: quick to train
+                               IndexSettings(kind="ivfpq", nlist=2, nprobe=2, pq_m=8, pq_bits=4))
+    rows = index.search(gallery[:100], topk=1)[1][:, 0]
+    assert (rows == np.arange(100)).mean() >= 0.95
+    with pytest.raises(ConfigError, match="--pq-m must divide"):
+        GalleryIndex.build(FeatureFile(["a"] * 256, gallery), IndexSettings(kind="ivfpq", nlist=2, pq_m=7))
+    with pytest.raises(ConfigError, match="--nlist"):
+        GalleryIndex.build(FeatureFile(["a"] * 256, gallery), IndexSettings(kind="ivf", nlist=1000))
+
+
+@pytest.mark.parametrize("fmt", ["npz", "parquet"])
+def test_feature_files_round_trip(fmt: str, tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow") if fmt == "parquet" else None
+    paths = ["/x/0002_c1s1_000451_00.jpg", "/x/0007_c3s2_000100_01.jpg"]
+    pids, camids = parse_market_names(paths)
+    assert pids.tolist() == [2, 7] and camids.tolist() == [0, 2]
+    data = FeatureFile(paths, _unit(2, 16, 3), pids, camids, "ckpt.pt")
+    back = load_features(save_features(data, tmp_path / f"f.{fmt}", fmt))
+    assert back.paths == paths and back.checkpoint == "ckpt.pt"
+    np.testing.assert_array_equal(back.features, data.features)
+    np.testing.assert_array_equal(back.pids, pids)
+    np.testing.assert_array_equal(back.camids, camids)
+    assert parse_market_names(["/x/query.jpg", *paths]) is None  # one name without ids: none kept
+    plain = load_features(save_features(FeatureFile(["a.jpg"], _unit(1, 4, 4)), tmp_path / f"p.{fmt}", fmt))
+    assert plain.pids is None and plain.camids is None
+
+
+def test_index_of_another_dimension_is_refused(tmp_path: Path) -> None:
+    GalleryIndex.build(FeatureFile(["a", "b"], _unit(2, 32, 5))).save(tmp_path / "g.faiss")
+    with pytest.raises(IndexFileError, match="32-d features but the query features are 16-d"):
+        GalleryIndex.load(tmp_path / "g.faiss").search(_unit(1, 16, 6))
+
+
+# --- the CLI's errors: one line, exit status 2 -----------------------------------------------------------
+
+
+def test_cli_errors_of_extract(tiny_synth: Path, checkpoint: Path, cache: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = error_line(cli(capsys, "extract", "--checkpoint", str(checkpoint), "--images", str(empty), "--out",
+                          str(tmp_path / "f.npz")))
+    assert "holds no image" in line and str(empty) in line
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(next((tiny_synth / "query").glob("*.jpg")), folder / "0001_c1s1_000001_00.jpg")
+    not_cgpn = tmp_path / "resnet.pt"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, not_cgpn)
+    line = error_line(cli(capsys, "extract", "--checkpoint", str(not_cgpn), "--images", str(folder), "--out",
+                          str(tmp_path / "f.npz")))
+    assert "is not a cgpn checkpoint" in line and "resnet.pt" in line
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
+    line = error_line(cli(capsys, "extract", "--checkpoint", str(checkpoint), "--images", str(folder), "--out",
+                          str(tmp_path / "f.parquet")))
+    assert "pyarrow is not installed" in line
+
+
+def test_cli_undecodable_image_in_a_subprocess(tiny_synth: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """The real command line: exit status 2 and one line naming the file, no traceback."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(next((tiny_synth / "query").glob("*.jpg")), folder / "0001_c1s1_000001_00.jpg")
+    (folder / "0001_c2s1_000002_00.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    line = error_line(run_cli("extract", "--checkpoint", str(checkpoint), "--images", str(folder), "--out",
+                              str(tmp_path / "f.npz"), "--backend", "eager", cache=tmp_path / "cache"))
+    assert line.startswith("cgpn extract: error: cannot read image") and "0001_c2s1_000002_00.jpg" in line
+
+
+def test_cli_errors_of_index_and_search(tiny_synth: Path, checkpoint: Path, cache: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    feats = tmp_path / "f.npz"
+    paths = sorted(str(p) for p in (tiny_synth / "bounding_box_test").glob("*.jpg"))
+    save_features(FeatureFile(paths, _unit(len(paths), 3072, 7), checkpoint=str(checkpoint)), feats)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "faiss", None)  # as if faiss were not installed
+        line = error_line(cli(capsys, "index", "build", "--features", str(feats), "--out", str(tmp_path / "g.faiss")))
+    assert "faiss is not installed" in line
+
+    # An index of 3072-d CGPN features searched with a CGPN-1 checkpoint (3 global features: 768-d).
+    assert cli(capsys, "index", "build", "--features", str(feats), "--out", str(tmp_path / "g.faiss")).returncode == 0
+    cgpn1 = make_checkpoint(tmp_path / "cgpn1.pt", name="cgpn1")
+    line = error_line(cli(capsys, "search", "--index", str(tmp_path / "g.faiss"), "--query", paths[0],
+                          "--checkpoint", str(cgpn1), "--backend", "eager"))
+    assert "3072-d features but the query features are 768-d" in line
+
+    line = error_line(cli(capsys, "search", "--index", str(tmp_path / "missing.faiss"), "--query", paths[0]))
+    assert "missing.faiss" in line and "does not exist" in line

@@ -1,0 +1,59 @@
+"""Ranked lists (Fig. 5): one blue query tile and k green / red tiles per row, counted from the PNG's pixels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from cgpn.data.datasets import build_dataset
+from cgpn.viz import BLUE, GREEN, RED, draw_ranked_lists
+from serve_helpers import cli, make_checkpoint
+
+
+def count_frames(png: Path, colour: tuple[int, int, int], size: tuple[int, int] = (64, 128)) -> int:
+    """Connected regions of exactly ``colour`` whose bounding box is a tile (w x h): the frames."""
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+    labels, _ = ndimage.label((pixels == colour).all(axis=2))
+    boxes = ndimage.find_objects(labels)
+    return sum(1 for box in boxes if (box[1].stop - box[1].start, box[0].stop - box[0].start) == size)
+
+
+def _expected(distmat: np.ndarray, query, gallery, qi: int, topk: int) -> list[bool]:
+    """By hand: gallery by distance, minus same identity + same camera; True where the identity matches."""
+    kept = [j for j in np.argsort(distmat[qi], kind="stable")
+            if not (gallery[j].pid == query[qi].pid and gallery[j].camid == query[qi].camid)]
+    return [gallery[j].pid == query[qi].pid for j in kept[:topk]]
+
+
+@pytest.mark.parametrize("topk", [5, 40])  # 40 > gallery: rows hold what the protocol leaves
+def test_ranked_list_has_one_tile_per_result(tiny_synth: Path, tmp_path: Path, topk: int) -> None:
+    data = build_dataset("synthetic", tiny_synth)
+    q_pids = np.array([s.pid for s in data.query])
+    g_pids = np.array([s.pid for s in data.gallery])
+    rng = np.random.default_rng(0)
+    distmat = rng.uniform(0.5, 1.5, size=(len(q_pids), len(g_pids))) - 0.4 * (q_pids[:, None] == g_pids[None])
+    rows = [0, 3, 7]
+    out = draw_ranked_lists(distmat, data.query, data.gallery, rows, tmp_path / "ranks.png", topk=topk)
+    expected = [m for qi in rows for m in _expected(distmat, data.query, data.gallery, qi, topk)]
+    assert count_frames(out, BLUE) == len(rows)
+    assert count_frames(out, GREEN) == sum(expected)
+    assert count_frames(out, RED) == len(expected) - sum(expected)
+    if topk == 5:
+        assert len(expected) == 3 * 5
+
+
+def test_show_command_draws_the_requested_queries(tiny_synth: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    ckpt = make_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "ranks.png"
+    run = cli(capsys, "show", "--checkpoint", str(ckpt), "--set", "data.dataset=synthetic", "--set",
+              f"data.root={tiny_synth}", "--out", str(out), "--queries", "worst", "--num-queries", "3", "--topk", "4")
+    assert run.returncode == 0, run.stderr
+    assert str(out) in run.stdout
+    assert count_frames(out, BLUE) == 3
+    assert count_frames(out, GREEN) + count_frames(out, RED) == 3 * 4
+    assert count_frames(out, RED) >= 1  # the worst queries of an untrained network miss somewhere
