@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from cgpn.config import Config, LossConfig  # noqa: E402
 from cgpn.data.datasets import build_dataset  # noqa: E402
 from cgpn.data.datasets.synthetic import SyntheticSpec, generate_synthetic  # noqa: E402
-from cgpn.engine.data import build_seeded_train_loader  # noqa: E402
+from cgpn.data.loader import build_train_loader  # noqa: E402
 from cgpn.engine.inference import resolve_device  # noqa: E402
 from cgpn.engine.precision import Precision, resolve_precision  # noqa: E402
 from cgpn.losses import CGPNLoss  # noqa: E402
@@ -85,7 +85,7 @@ def loader_speed(args: argparse.Namespace, root: Path, workers: int) -> float:
     cfg.height, cfg.width, cfg.batch_size, cfg.workers = args.height, args.width, args.batch_size, workers
     cfg.num_instances = math.gcd(args.batch_size, 8)  # K = 8 as in the paper when the batch allows it
     dataset = build_dataset(args.dataset, root)
-    loader = build_seeded_train_loader(dataset.train, cfg, seed=0)
+    loader = build_train_loader(dataset.train, cfg, seed=0)
     it = iter(loader)
     next(it)  # worker start-up is not part of the rate
     start, n = time.perf_counter(), 0

@@ -35,7 +35,7 @@ def _restore_torch_globals():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory):
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     """2 epochs x 4 iterations (batch 12) with evaluations before, after epoch 1 and after epoch 2.
 
     Trained once per test session: under pytest-xdist the first worker trains, the others wait on a file
@@ -43,17 +43,21 @@ def tiny_run(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory):
     """
     from filelock import FileLock
 
+    from cgpn.data.datasets.synthetic import PRESETS, generate_synthetic
     from cgpn.engine.checkpoint import rank_result_from_state
     from cgpn.engine.trainer import TrainResult
 
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # the session's folder, common to all its workers
-    out = shared / "engine_tiny_run"
-    cfg = load_config(None, tiny_overrides(tiny_synth, out, **{
+    out, data = shared / "engine_tiny_run", shared / "engine_tiny_data"  # one data folder: configs agree
+    cfg = load_config(None, tiny_overrides(data, out, **{
         "data.batch_size": 12, "engine.eval_period": 1, "engine.eval_at_start": "true",
         "engine.tensorboard": "true", "engine.checkpoint_steps": 1, "engine.keep_last": 3}))
     with FileLock(str(shared / "engine_tiny_run.lock")):
+        if not (data / "done").is_file():
+            generate_synthetic(data, PRESETS["tiny"], progress=False)
+            (data / "done").touch()
         if (out / "done").is_file():
             state = torch.load(out / "last.pt", weights_only=True)
             result = TrainResult(out / "last.pt", state["epoch_losses"],
@@ -276,7 +280,7 @@ def test_training_batches_depend_only_on_seed_epoch_and_batch(tiny_synth: Path) 
     """Same images and the same random flips/erasing with 0 or 2 worker processes, and when an epoch
     is started in the middle (resume); another epoch draws other batches."""
     from cgpn.data.datasets import build_dataset
-    from cgpn.engine.data import build_seeded_train_loader
+    from cgpn.data.loader import build_train_loader
 
     train_set = build_dataset("synthetic", tiny_synth).train
     cfg = load_config(None, ["data.height=32", "data.width=16", "data.batch_size=8", "data.num_instances=2",
@@ -284,7 +288,7 @@ def test_training_batches_depend_only_on_seed_epoch_and_batch(tiny_synth: Path) 
 
     def epoch(workers: int, index: int, start: int = 0) -> list[torch.Tensor]:
         cfg.workers = workers
-        loader = build_seeded_train_loader(train_set, cfg, seed=3)
+        loader = build_train_loader(train_set, cfg, seed=3)
         loader.batch_sampler.set_epoch(index, start)
         return [images for images, *_ in loader]
 

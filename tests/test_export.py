@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cgpn.config import ONNX_OPSET
 from cgpn.engine.checkpoint import load_model
-from cgpn.export import OPSET, check_onnx, export_onnx
+from cgpn.export import check_onnx, export_onnx
 from serve_helpers import HEIGHT, WIDTH, cli, error_line, make_checkpoint
 
 
@@ -51,14 +52,14 @@ def test_export_command_checks_and_describes_the_file(checkpoint: Path, tmp_path
     out = tmp_path / "model.onnx"
     run = cli(capsys, "export", "--checkpoint", str(checkpoint), "--onnx", str(out), "--check-batch", "7")
     assert run.returncode == 0, run.stderr
-    assert f"opset {OPSET}" in run.stdout and f"(batch, 3, {HEIGHT}, {WIDTH})" in run.stdout
+    assert f"opset {ONNX_OPSET}" in run.stdout and f"(batch, 3, {HEIGHT}, {WIDTH})" in run.stdout
     check_line = next(line for line in run.stdout.splitlines() if line.startswith("check:"))
     assert "random batch of 7" in check_line and check_line.endswith("OK")
     diff = float(check_line.split("max abs difference ")[1].split()[0])
     assert diff <= 1e-4
 
     proto = onnx.load(str(out), load_external_data=False)
-    assert proto.opset_import[0].version == OPSET
+    assert proto.opset_import[0].version == ONNX_OPSET
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param == "batch"  # dynamic batch axis
     meta = {p.key: p.value for p in proto.metadata_props}

@@ -69,9 +69,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args)  # a mistake in the settings shows before torch loads
     from cgpn.engine.trainer import train
 
-    cfg = _config(args)
     result = train(cfg, resume=args.resume, finetune=args.finetune)
     if result.rank != 0:  # under torchrun, rank 0 reports
         return 0
@@ -89,6 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    cfg = None if args.checkpoint else _config(args)
+
     from cgpn.data.datasets import build_dataset
     from cgpn.data.occlusion import parse_rates
     from cgpn.engine.checkpoint import build_model_from_config
@@ -102,7 +104,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, cfg = _model_and_config(args)
         dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
     else:  # the untrained network of a config: what training starts from
-        cfg = _config(args)
         dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
         model = build_model_from_config(cfg, dataset.num_train_pids)
     device = resolve_device(cfg.engine.device)
@@ -145,18 +146,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         raise ConfigError("cgpn show needs --checkpoint FILE (ranked lists) or --curves RUN_DIR (training curves)")
     from cgpn.data.datasets import build_dataset
-    from cgpn.engine.evaluation import test_features
+    from cgpn.engine.evaluation import rank_test_features, ranking_distances, test_features
     from cgpn.engine.inference import resolve_device
-    from cgpn.metrics.rank import evaluate
     from cgpn.viz import draw_ranked_lists
 
     model, cfg = _model_and_config(args)
     dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
     device = resolve_device(cfg.engine.device)
     t = test_features(model.to(device), dataset, cfg, device)
-    result = evaluate(t.distmat, t.q_pids, t.g_pids, t.q_camids, t.g_camids, max_rank=cfg.test.max_rank)
+    distmat = ranking_distances(t, cfg)  # the lists drawn are the ones scored (re-ranked with --rerank)
+    result = rank_test_features(t, cfg, distmat)
     rows = _pick_queries(args.queries, result, dataset.query, args.num_queries, cfg.engine.seed)
-    out = draw_ranked_lists(t.distmat.numpy(), dataset.query, dataset.gallery, rows, args.out, topk=args.topk,
+    out = draw_ranked_lists(distmat.numpy(), dataset.query, dataset.gallery, rows, args.out, topk=args.topk,
                             ap=result.ap, title=f"{args.checkpoint} on {cfg.data.dataset}: {result.summary()}")
     print(result.summary())
     print(f"ranked lists of {len(rows)} queries (top {args.topk}; green = same identity, red = other): {out}")
@@ -164,10 +165,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     from cgpn.data.check import check_images
     from cgpn.data.datasets import build_dataset
 
-    cfg = _config(args)
     dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
     result = check_images(dataset, workers=max(1, cfg.data.workers), progress=not args.quiet)
     print(result.report())
@@ -289,9 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
+    from cgpn.config import INDEX_KINDS, ONNX_OPSET, IndexSettings
     from cgpn.data.datasets.synthetic import SyntheticSpec
-    from cgpn.export import OPSET
-    from cgpn.retrieval.index import INDEX_KINDS, IndexSettings
 
     p = verbs.add_parser("synth", help="write the procedural synthetic data set (Market-1501 layout)")
     p.add_argument("--out", required=True, help="folder to write (bounding_box_train/, query/, ...)")
@@ -313,8 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("eval", help="CMC / mAP / mINP of a checkpoint (or of an untrained config)")
     p.add_argument("--checkpoint", help="a checkpoint written by cgpn train; without it, the untrained network")
-    p.add_argument("--rerank", action="store_true",
-                   help="k-reciprocal re-ranking (Zhong et al. 2017); shorthand for --set test.rerank=true")
+    _add_rerank_arg(p)
     p.add_argument("--occlude", metavar="RATES", help="also evaluate with that fraction of each query image hidden "
                    "(comma-separated, e.g. 0.1,0.2,0.3,0.4): a table and a plot")
     p.add_argument("--plot", help="PNG for --occlude (default: occlusion.png beside the checkpoint)")
@@ -330,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", default="random", help="random | worst | best | comma-separated pids")
     p.add_argument("--num-queries", type=int, default=8)
     p.add_argument("--topk", type=int, default=10)
+    _add_rerank_arg(p)
     _add_config_args(p, config=False)
     p.set_defaults(func=cmd_show)
 
@@ -373,19 +373,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("export", help="write the model as ONNX and check it with onnxruntime against PyTorch")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--onnx", required=True, help="file to write, e.g. model.onnx")
-    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
     p.add_argument("--no-flip", action="store_true", help="leave flip averaging out of the graph")
     p.add_argument("--check-batch", type=int, default=4, help="size of the random batch of the check")
     p.set_defaults(func=cmd_export)
     return parser
 
 
+def _add_rerank_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rerank", action="store_true",
+                   help="k-reciprocal re-ranking (Zhong et al. 2017); shorthand for --set test.rerank=true")
+
+
 def _add_extractor_args(p: argparse.ArgumentParser) -> None:
-    from cgpn.extractor import BACKENDS
+    from cgpn.config import EXTRACTOR_BACKENDS
 
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--backend", choices=list(BACKENDS), default="auto",
+    p.add_argument("--backend", choices=list(EXTRACTOR_BACKENDS), default="auto",
                    help="auto (CPU: onnxruntime; GPU: eager) | eager | channels_last | bf16 | compile | onnx")
     p.add_argument("--no-flip", action="store_true", help="skip averaging with the mirrored image")
 

@@ -172,6 +172,24 @@ class Config:
         return cfg
 
 
+# --- serving: the flags of cgpn extract / index build / search / export (not part of a run's config) ---
+
+EXTRACTOR_BACKENDS = ("auto", "eager", "channels_last", "bf16", "compile", "onnx")  # FeatureExtractor(backend=)
+ONNX_OPSET = 17  # ONNX opset of exported graphs (onnxruntime >= 1.14 runs it)
+INDEX_KINDS = ("flat", "ivf", "ivfpq")
+
+
+@dataclass
+class IndexSettings:
+    """How a gallery index is built and searched (``cgpn index build`` flags of the same names)."""
+
+    kind: str = "flat"  # flat (exact) | ivf | ivfpq (approximate, for millions of images)
+    nlist: int = 1024  # ivf*: number of inverted lists (k-means cells); FAISS advises >= 39 x nlist images
+    nprobe: int = 16  # ivf*: lists visited per query (more: slower, closer to exact)
+    pq_m: int = 64  # ivfpq: sub-vectors per feature (must divide the feature size; 3072 / 64 = 48 dims each)
+    pq_bits: int = 8  # ivfpq: bits per sub-vector code
+
+
 def _field_types(obj: Any) -> dict[str, Any]:
     return typing.get_type_hints(type(obj))
 

@@ -27,16 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cgpn.config import Config
+from cgpn.config import ONNX_OPSET, Config
 from cgpn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cgpn.errors import DependencyError
 
-__all__ = ["OPSET", "TOLERANCE", "Embedder", "OnnxCheck", "check_onnx", "export_onnx", "import_onnxruntime",
+__all__ = ["TOLERANCE", "Embedder", "OnnxCheck", "check_onnx", "export_onnx", "import_onnxruntime",
            "onnx_session", "write_metadata"]
 
 logger = logging.getLogger(__name__)
 
-OPSET = 17  # ONNX opset of the exported graph (onnxruntime >= 1.14 runs it)
 TOLERANCE = 1e-4  # largest absolute difference accepted between onnxruntime and PyTorch features
 
 
@@ -72,7 +71,7 @@ def import_onnxruntime():
 
 
 def export_onnx(model: nn.Module, out: str | Path | io.BytesIO, height: int, width: int, flip: bool = True,
-                normalize: bool = True, opset: int = OPSET) -> str | Path | io.BytesIO:
+                normalize: bool = True, opset: int = ONNX_OPSET) -> str | Path | io.BytesIO:
     """Write the test feature of ``model`` (see ``Embedder``) to ``out`` as ONNX with a dynamic batch axis.
 
     Args:

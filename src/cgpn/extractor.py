@@ -30,20 +30,19 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from cgpn.config import Config, DataConfig
+from cgpn.config import EXTRACTOR_BACKENDS, ONNX_OPSET, Config, DataConfig
 from cgpn.data.datasets.base import IMAGE_SUFFIXES
 from cgpn.data.loader import read_image
 from cgpn.data.transforms import build_transforms
 from cgpn.engine.checkpoint import load_model
 from cgpn.engine.inference import resolve_device
 from cgpn.errors import ConfigError, DatasetError, DependencyError, ImageError
-from cgpn.export import OPSET, Embedder, export_onnx, import_onnxruntime, onnx_session
+from cgpn.export import Embedder, export_onnx, import_onnxruntime, onnx_session
 
-__all__ = ["BACKENDS", "FeatureExtractor", "ImageInput", "cache_dir", "list_images", "to_pil"]
+__all__ = ["FeatureExtractor", "ImageInput", "cache_dir", "list_images", "to_pil"]
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "eager", "channels_last", "bf16", "compile", "onnx")
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
 
@@ -126,8 +125,8 @@ class FeatureExtractor:
     def __init__(self, checkpoint_or_model: str | Path | nn.Module, device: str = "auto", batch_size: int = 32,
                  flip: bool = True, backend: str = "auto", config: Config | None = None,
                  progress: bool | None = None) -> None:
-        if backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend not in EXTRACTOR_BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(EXTRACTOR_BACKENDS)}, got {backend!r}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         self.checkpoint: Path | None = None
@@ -193,7 +192,7 @@ class FeatureExtractor:
             return buffer.getvalue()
         stat = self.checkpoint.stat()
         where = str(self.checkpoint.resolve())
-        key = f"{where}|{stat.st_size}|{stat.st_mtime_ns}|{h}x{w}|flip={self.flip}|opset={OPSET}|{torch.__version__}"
+        key = f"{where}|{stat.st_size}|{stat.st_mtime_ns}|{h}x{w}|flip={self.flip}|opset={ONNX_OPSET}|{torch.__version__}"
         folder = cache_dir() / "onnx" / hashlib.sha256(where.encode()).hexdigest()[:16]
         target = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
         if target.is_file():

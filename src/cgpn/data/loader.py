@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from cgpn.config import DataConfig
 from cgpn.data.datasets.base import Sample
@@ -23,7 +24,8 @@ from cgpn.data.sampler import PKSampler
 from cgpn.data.transforms import build_transforms
 from cgpn.errors import ConfigError, ImageError
 
-__all__ = ["BAD_IMAGE_MODES", "ImageDataset", "build_test_loader", "build_train_loader", "read_image"]
+__all__ = ["BAD_IMAGE_MODES", "ImageDataset", "SeededBatchSampler", "SeededDataset", "build_test_loader",
+           "build_train_loader", "read_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,53 @@ class ImageDataset(Dataset):
         return self.transform(self._load(index)), sample.pid, sample.camid, index
 
 
+class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
+    """A ``PKSampler`` whose batches are lists of (dataset index, augmentation seed).
+
+    Every image of a batch gets its own seed, derived from (seed, epoch, rank, batch, position), and its
+    random flip (or erasing, crop) is drawn from that seed alone: a batch is the same whichever worker
+    loads it, however many workers there are, and whether the epoch started at its first batch or in
+    the middle (a resumed run, whose fresh workers have fresh random states).
+    """
+
+    def __init__(self, sampler: PKSampler, seed: int) -> None:
+        self.sampler, self.seed = sampler, seed
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The epoch to draw and how many of this rank's batches are already done (resume)."""
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        s = self.sampler
+        for b, batch in enumerate(s, start=s.start_batch):
+            seeds = np.random.SeedSequence([self.seed, s.epoch, s.rank, b]).generate_state(len(batch), np.uint64)
+            yield [(int(i), int(seed) >> 1) for i, seed in zip(batch, seeds)]  # torch seeds are < 2**63
+
+
+class SeededDataset(Dataset):
+    """Item ``(index, seed)`` is ``dataset[index]`` drawn with torch's RNG seeded by ``seed``."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt images replaced so far (see ``ImageDataset.skipped``)."""
+        return self.dataset.skipped
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int, int]:
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):  # leave the process's own stream untouched
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size) of the running process group, (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
@@ -102,13 +151,17 @@ def _distributed() -> tuple[int, int]:
 
 def build_train_loader(samples: Sequence[Sample], cfg: DataConfig, seed: int = 0, rank: int | None = None,
                        world_size: int | None = None) -> DataLoader:
-    """P x K batches of augmented training images; rank and world size default to the process group's."""
+    """P x K batches of augmented training images whose content depends only on (seed, epoch, batch).
+
+    Rank and world size default to the process group's. Call ``loader.batch_sampler.set_epoch(e)``
+    before each epoch.
+    """
     if rank is None or world_size is None:
         rank, world_size = _distributed()
     sampler = PKSampler([s.pid for s in samples], cfg.batch_size, cfg.num_instances, cfg.epoch_mode,
                         seed=seed, rank=rank, world_size=world_size)
-    dataset = ImageDataset(samples, build_transforms(cfg, train=True), on_bad_image=cfg.on_bad_image)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
+    dataset = SeededDataset(ImageDataset(samples, build_transforms(cfg, train=True), on_bad_image=cfg.on_bad_image))
+    return DataLoader(dataset, batch_sampler=SeededBatchSampler(sampler, seed), num_workers=cfg.workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=cfg.workers > 0,
                       generator=torch.Generator().manual_seed(seed))
 

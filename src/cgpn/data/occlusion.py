@@ -52,15 +52,15 @@ def occlude(image: Image.Image, rate: float, rng: np.random.Generator, kind: str
     w, h = image.size
     if kind == "rectangle":
         # Any shape from a full-width band (height r*h) to a full-height bar (width r*w), same area.
-        rh = int(round(rng.uniform(rate * h, h)))
-        rw = min(w, max(1, int(round(rate * w * h / rh))))
+        rh = round(rng.uniform(rate * h, h))
+        rw = min(w, max(1, round(rate * w * h / rh)))
         x0, y0 = int(rng.integers(0, w - rw + 1)), int(rng.integers(0, h - rh + 1))
         pixels = np.array(image)
         colour = rng.integers(0, 256, size=3)
         patch = colour + rng.normal(0, 12, size=(rh, rw, 3))
         pixels[y0:y0 + rh, x0:x0 + rw] = patch.clip(0, 255).astype(np.uint8)
         return Image.fromarray(pixels)
-    cut = max(1, int(round(rate * h)))
+    cut = max(1, round(rate * h))
     box = (0, cut, w, h) if kind == "top" else (0, 0, w, h - cut)
     return image.crop(box).resize((w, h), Image.BILINEAR)
 

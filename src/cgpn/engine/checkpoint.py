@@ -10,6 +10,7 @@ checkpoint is written once whatever its names.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -140,17 +141,22 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def rank_result_state(result: RankResult) -> dict[str, Any]:
-    """A ``RankResult`` as tensors and numbers (storable in a ``weights_only`` checkpoint)."""
-    return {"cmc": torch.from_numpy(np.asarray(result.cmc, dtype=np.float64)), "mAP": float(result.mAP),
-            "mINP": float(result.mINP), "num_valid": int(result.num_valid), "num_skipped": int(result.num_skipped),
-            "ap": torch.from_numpy(np.asarray(result.ap, dtype=np.float64)),
-            "first_match": torch.from_numpy(np.asarray(result.first_match, dtype=np.int64))}
+    """A ``RankResult`` as tensors and plain numbers (storable in a ``weights_only`` checkpoint)."""
+    state: dict[str, Any] = {}
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        if isinstance(value, np.ndarray):
+            state[f.name] = torch.from_numpy(np.ascontiguousarray(value))
+        elif isinstance(value, np.generic):
+            state[f.name] = value.item()
+        else:
+            state[f.name] = value
+    return state
 
 
 def rank_result_from_state(state: dict[str, Any]) -> RankResult:
     """The ``RankResult`` that ``rank_result_state`` stored."""
-    return RankResult(cmc=state["cmc"].numpy(), mAP=state["mAP"], mINP=state["mINP"], num_valid=state["num_valid"],
-                      num_skipped=state["num_skipped"], ap=state["ap"].numpy(), first_match=state["first_match"].numpy())
+    return RankResult(**{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in state.items()})
 
 
 def state_nbytes(*states: dict[str, Any]) -> int:

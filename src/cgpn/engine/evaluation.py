@@ -15,7 +15,7 @@ from cgpn.engine.inference import extract_features
 from cgpn.metrics.rank import RankResult, evaluate, pairwise_distance
 from cgpn.metrics.rerank import rerank
 
-__all__ = ["TestFeatures", "evaluate_model", "rank_test_features", "test_features"]
+__all__ = ["TestFeatures", "evaluate_model", "rank_test_features", "ranking_distances", "test_features"]
 
 
 @dataclass
@@ -41,14 +41,21 @@ def test_features(model: nn.Module, dataset: ReidDataset, cfg: Config, device: t
     return TestFeatures(qf, gf, q_pids, g_pids, q_camids, g_camids, distmat)
 
 
-def rank_test_features(t: TestFeatures, cfg: Config) -> RankResult:
-    """CMC / mAP / mINP of test features under ``cfg.test``: the distances, or their k-reciprocal
-    re-ranking when ``test.rerank`` is set."""
+def ranking_distances(t: TestFeatures, cfg: Config) -> torch.Tensor:
+    """The (num_query, num_gallery) distances the ranking uses: ``t.distmat``, or its k-reciprocal
+    re-ranking (Zhong et al. 2017) when ``test.rerank`` is set."""
     c = cfg.test
-    distmat = t.distmat
-    if c.rerank:
-        distmat = rerank(t.qf, t.gf, k1=c.rerank_k1, k2=c.rerank_k2, lambda_value=c.rerank_lambda,
-                         metric=c.distance, memory_mb=c.memory_mb)
+    if not c.rerank:
+        return t.distmat
+    return rerank(t.qf, t.gf, k1=c.rerank_k1, k2=c.rerank_k2, lambda_value=c.rerank_lambda, metric=c.distance,
+                  memory_mb=c.memory_mb)
+
+
+def rank_test_features(t: TestFeatures, cfg: Config, distmat: torch.Tensor | None = None) -> RankResult:
+    """CMC / mAP / mINP of test features under ``cfg.test`` (``distmat``: ``ranking_distances(t, cfg)``
+    if already computed)."""
+    c = cfg.test
+    distmat = ranking_distances(t, cfg) if distmat is None else distmat
     return evaluate(distmat, t.q_pids, t.g_pids, t.q_camids, t.g_camids, max_rank=c.max_rank,
                     ap_mode=c.ap_mode, memory_mb=c.memory_mb)
 

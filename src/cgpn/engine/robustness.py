@@ -15,8 +15,9 @@ from cgpn.data.datasets.base import ReidDataset
 from cgpn.data.loader import build_test_loader
 from cgpn.data.occlusion import OccludedImages
 from cgpn.data.transforms import build_transforms
+from cgpn.engine.evaluation import TestFeatures, rank_test_features
 from cgpn.engine.inference import extract_features
-from cgpn.metrics.rank import RankResult, evaluate, pairwise_distance
+from cgpn.metrics.rank import RankResult, pairwise_distance
 
 __all__ = ["evaluate_occlusion", "occlusion_table"]
 
@@ -33,8 +34,8 @@ def evaluate_occlusion(model: nn.Module, dataset: ReidDataset, cfg: Config, devi
                             batch_size=cfg.data.test_batch_size, shuffle=False, num_workers=cfg.data.workers)
         qf, q_pids, q_camids = extract_features(model, loader, device, flip=cfg.test.flip,
                                                 desc=f"query, occlusion {rate:g}")
-        results[rate] = evaluate(pairwise_distance(qf, gf, cfg.test.distance), q_pids, g_pids, q_camids,
-                                 g_camids, max_rank=cfg.test.max_rank)
+        t = TestFeatures(qf, gf, q_pids, g_pids, q_camids, g_camids, pairwise_distance(qf, gf, cfg.test.distance))
+        results[rate] = rank_test_features(t, cfg)  # re-ranked / Market AP when cfg.test says so
     return results
 
 

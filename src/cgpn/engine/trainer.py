@@ -9,7 +9,7 @@ so that a run shows what training added.
 
 Resuming (``resume="auto"`` or a path) restores the model, optimizer, scheduler, grad scaler, the
 position inside the epoch and every RNG state; the training batches are a pure function of (seed,
-epoch, batch) (``cgpn.engine.data``), so with ``engine.deterministic`` on the CPU a run killed at any
+epoch, batch) (``cgpn.data.loader``), so with ``engine.deterministic`` on the CPU a run killed at any
 iteration and resumed ends with the same weights, bit for bit, as one that was never interrupted.
 """
 
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from cgpn.config import Config, SolverConfig, save_config
 from cgpn.data.datasets import build_dataset
+from cgpn.data.loader import build_train_loader
 from cgpn.engine.checkpoint import (
     Checkpointer,
     build_model_from_config,
@@ -42,7 +43,6 @@ from cgpn.engine.checkpoint import (
     restore_rng,
     state_nbytes,
 )
-from cgpn.engine.data import build_seeded_train_loader
 from cgpn.engine.distributed import DistEnv, GlobalTripletLoss, any_rank, init_distributed
 from cgpn.engine.evaluation import evaluate_model
 from cgpn.engine.events import MetricsWriter
@@ -320,7 +320,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
         logger.info("resuming from %s (epoch %d, iteration %d)%s", ckpt_path, state["epoch"] + 1,
                     state.get("batch", 0), f"; settings changed since: {', '.join(changed)}" if changed else "")
 
-    dataset = build_dataset(cfg.data.dataset, cfg.data.root)
+    dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
     num_classes = dataset.num_train_pids
     model = build_model_from_config(cfg, num_classes, pretrained=False if (state or finetune) else None)
     if state is not None:
@@ -343,7 +343,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
     if e.compile:
         train_model = torch.compile(train_model)
     criterion = GlobalTripletLoss(cfg.loss) if e.triplet_scope == "global" and env.distributed else CGPNLoss(cfg.loss)
-    loader = build_seeded_train_loader(dataset.train, cfg.data, seed=e.seed, rank=env.rank,
+    loader = build_train_loader(dataset.train, cfg.data, seed=e.seed, rank=env.rank,
                                        world_size=env.world_size)
     metrics = None
     if env.is_main:
@@ -368,6 +368,9 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
     finally:
         if metrics is not None:
             metrics.close()
+        if loader.dataset.skipped:
+            logger.warning("%d unreadable training image(s) were replaced by other images of the same identity "
+                           "(data.on_bad_image=skip; cgpn check-data lists them)", loader.dataset.skipped)
     return TrainResult(checkpoint=checkpointer.last, epoch_losses=trainer.epoch_losses,
                        evaluations=trainer.evaluations,
                        best_checkpoint=checkpointer.best if checkpointer.best.is_file() else None,

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cgpn.config import INDEX_KINDS, IndexSettings
 from cgpn.errors import ConfigError, DependencyError, IndexFileError
 from cgpn.retrieval.features import FeatureFile
 
@@ -29,18 +30,6 @@ __all__ = ["INDEX_KINDS", "GalleryIndex", "IndexSettings", "import_faiss", "side
 logger = logging.getLogger(__name__)
 
 FORMAT = "cgpn-index-v1"
-INDEX_KINDS = ("flat", "ivf", "ivfpq")
-
-
-@dataclass
-class IndexSettings:
-    """How the index is built and searched (``cgpn index build`` flags of the same names)."""
-
-    kind: str = "flat"  # flat (exact) | ivf | ivfpq (approximate, for millions of images)
-    nlist: int = 1024  # ivf*: number of inverted lists (k-means cells); FAISS advises >= 39 x nlist images
-    nprobe: int = 16  # ivf*: lists visited per query (more: slower, closer to exact)
-    pq_m: int = 64  # ivfpq: sub-vectors per feature (must divide the feature size; 3072 / 64 = 48 dims each)
-    pq_bits: int = 8  # ivfpq: bits per sub-vector code
 
 
 def import_faiss():
