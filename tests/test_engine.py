@@ -25,13 +25,17 @@ TAGS = {"train/ce", "train/triplet", "train/mse", "train/total", "train/lr", "tr
         "eval/rank1", "eval/mAP", "eval/mINP"}
 
 
+def _torch_globals() -> tuple:
+    return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+            torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark)
+
+
 @pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    """engine.deterministic / engine.threads change torch's process-wide settings; put them back."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+def _torch_globals_unchanged():
+    """A run changes process-wide torch settings (threads, deterministic kernels, TF32) and puts them back."""
+    before = _torch_globals()
     yield
-    torch.use_deterministic_algorithms(before[0])
-    torch.set_num_threads(before[1])
+    assert _torch_globals() == before
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +68,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
                                  {e: rank_result_from_state(r) for e, r in state["evaluations"].items()},
                                  out / "best.pt")
         else:
-            deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
             result = train(cfg)
-            torch.use_deterministic_algorithms(deterministic)
-            torch.set_num_threads(threads)
             (out / "done").touch()
     return namedtuple("TinyRun", "out cfg result")(out, cfg, result)
 

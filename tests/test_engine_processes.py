@@ -44,16 +44,7 @@ def _start_and_signal(cmd: list[str], run: Path, after_step: int, sig: int, grou
     return proc
 
 
-@pytest.fixture
-def restore_determinism():
-    """In-process runs with engine.deterministic switch torch's global flag on; put it back afterwards."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(before[0])
-    torch.set_num_threads(before[1])
-
-
-def test_sigkill_then_resume_is_bit_exact(tiny_synth: Path, tmp_path: Path, restore_determinism: None) -> None:
+def test_sigkill_then_resume_is_bit_exact(tiny_synth: Path, tmp_path: Path) -> None:
     """A run SIGKILLed mid-epoch and resumed with --resume auto ends with the uninterrupted run's weights.
 
     The reference and the resumed runs train in this process, the killed one in a subprocess (the same

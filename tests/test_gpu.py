@@ -27,7 +27,7 @@ def test_autocast_training_on_cuda(tiny_synth: Path, tmp_path: Path, precision: 
 
     cfg = load_config(None, tiny_overrides(tiny_synth, tmp_path / "run", **{
         "engine.device": "cuda", "engine.precision": precision, "engine.deterministic": "false",
-        "engine.eval_at_start": "true"}))
+        "engine.eval_at_start": "true", "engine.eval_period": 1}))
     result = train(cfg)
     losses = [v for epoch in result.epoch_losses for v in epoch.values()]
     assert len(result.epoch_losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

@@ -15,9 +15,11 @@ iteration and resumed ends with the same weights, bit for bit, as one that was n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,10 +289,28 @@ def train(cfg: Config, resume: str | None = None, finetune: str | None = None) -
         raise ConfigError("--resume and --finetune exclude each other: resume continues a run, finetune starts "
                           "a new one from another run's weights")
     env = init_distributed(cfg.engine)
+    with _process_settings_restored():
+        try:
+            return _train(cfg, env, resume, finetune)
+        finally:
+            env.close()
+
+
+@contextlib.contextmanager
+def _process_settings_restored() -> Iterator[None]:
+    """Put back the process-wide torch settings a run changes (threads, deterministic kernels, TF32,
+    cuDNN autotuning), so that code running after ``train`` in the same process is unaffected."""
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_float32_matmul_precision(),
+             torch.backends.cudnn.benchmark)
     try:
-        return _train(cfg, env, resume, finetune)
+        yield
     finally:
-        env.close()
+        threads, deterministic, warn_only, matmul, benchmark = saved
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) -> TrainResult:
