@@ -17,8 +17,8 @@ from _engine_tiny import model_state, tiny_overrides
 from cgpn.cli import main
 from cgpn.config import Config, load_config
 from cgpn.data.datasets.synthetic import PRESETS, generate_synthetic
-from cgpn.engine.trainer import TrainingDivergedError, train
-from cgpn.errors import CgpnError, ConfigError
+from cgpn.engine.trainer import train
+from cgpn.errors import CgpnError, ConfigError, TrainingDivergedError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TAGS = {"train/ce", "train/triplet", "train/mse", "train/total", "train/lr", "train/images_per_s",

@@ -102,15 +102,17 @@ def _free_port() -> int:
 
 
 def _gather_check(rank: int, out: str) -> None:
-    """GlobalTripletLoss on fixed features: both ranks draw both ranks' features, each feeds its own."""
+    """The triplet term mined over both processes on fixed features: both ranks draw both ranks' features,
+    each feeds its own."""
     from cgpn.config import LossConfig
-    from cgpn.engine.distributed import GlobalTripletLoss
+    from cgpn.engine.distributed import gather_across_processes
+    from cgpn.losses import CGPNLoss
     from cgpn.model.cgpn import CGPNOutput
 
     feats, targets = _gather_inputs()
     mine = feats[8 * rank : 8 * rank + 8].clone().requires_grad_(True)
     output = CGPNOutput(features={}, logits={"g1": torch.zeros(8, 6)}, triplet_features=[mine], supervision=[])
-    loss, terms = GlobalTripletLoss(LossConfig())(output, targets[8 * rank : 8 * rank + 8])
+    loss, terms = CGPNLoss(LossConfig(), gather=gather_across_processes)(output, targets[8 * rank : 8 * rank + 8])
     loss.backward()
     torch.save({"triplet": terms["triplet"], "grad": mine.grad}, f"{out}/gather{rank}.pt")
 

@@ -14,6 +14,7 @@ __all__ = [
     "ImageError",
     "IndexFileError",
     "PretrainedWeightsError",
+    "TrainingDivergedError",
 ]
 
 
@@ -49,3 +50,7 @@ class DependencyError(CgpnError):
 
 class IndexFileError(CgpnError):
     """A gallery index or features file that is missing, corrupt, or does not fit the query features."""
+
+
+class TrainingDivergedError(CgpnError):
+    """A loss term became NaN or infinite; the run stopped before the bad update."""

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,16 +59,26 @@ def global_supervision_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]], redu
 
 
 class CGPNLoss(nn.Module):
-    """Eq. 4 with the weights of ``LossConfig``; returns the total and each term."""
+    """Eq. 4 with the weights of ``LossConfig``; returns the total and each term.
 
-    def __init__(self, cfg: LossConfig) -> None:
+    Args:
+        cfg: the loss settings.
+        gather: where the triplet term mines over the batches of all processes (``engine.triplet_scope:
+            global``), the function that concatenates a tensor over processes, keeping gradients
+            (``cgpn.engine.distributed.gather_across_processes``); cross-entropy and MSE stay per process.
+    """
+
+    def __init__(self, cfg: LossConfig, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.gather = cfg, gather
 
     def forward(self, output: CGPNOutput, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         ce = cross_entropy_loss(list(output.logits.values()), targets, cfg.label_smoothing)
-        tri = sum(batch_hard_triplet_loss(f, targets, cfg.triplet_margin) for f in output.triplet_features)
+        features, triplet_targets = output.triplet_features, targets
+        if self.gather is not None:
+            features, triplet_targets = [self.gather(f.float()) for f in features], self.gather(targets)
+        tri = sum(batch_hard_triplet_loss(f, triplet_targets, cfg.triplet_margin) for f in features)
         mse = global_supervision_loss(output.supervision, cfg.mse_reduction, cfg.mse_detach_target)
         total = cfg.ce_weight * ce + cfg.triplet_weight * tri + cfg.mse_weight * mse.to(ce.device)
         terms = {"ce": float(ce.detach()), "triplet": float(tri.detach()), "mse": float(mse.detach())}

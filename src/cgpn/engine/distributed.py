@@ -25,12 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
-from cgpn.config import EngineConfig, LossConfig
+from cgpn.config import EngineConfig
 from cgpn.errors import ConfigError
-from cgpn.losses import batch_hard_triplet_loss, cross_entropy_loss, global_supervision_loss
-from cgpn.model.cgpn import CGPNOutput
 
-__all__ = ["DistEnv", "GlobalTripletLoss", "any_rank", "barrier", "init_distributed"]
+__all__ = ["DistEnv", "any_rank", "barrier", "gather_across_processes", "init_distributed"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,25 +94,11 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-class GlobalTripletLoss(torch.nn.Module):
-    """Eq. 4 with the triplet term mined over the features of all processes (``triplet_scope: global``).
-
-    Cross-entropy and MSE stay per process (DDP averages them); the gathered features carry gradients
-    back to their process, so DDP's averaging yields the gradient of the N x P x K batch's triplet loss.
-    """
-
-    def __init__(self, cfg: LossConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-
-    def forward(self, output: CGPNOutput, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = self.cfg
-        gathered = [torch.empty_like(targets) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, targets)  # labels need no gradient
-        all_targets = torch.cat(gathered)
-        ce = cross_entropy_loss(list(output.logits.values()), targets, cfg.label_smoothing)
-        tri = sum(batch_hard_triplet_loss(torch.cat(dist_fn.all_gather(f.float())), all_targets, cfg.triplet_margin)
-                  for f in output.triplet_features)
-        mse = global_supervision_loss(output.supervision, cfg.mse_reduction, cfg.mse_detach_target)
-        total = cfg.ce_weight * ce + cfg.triplet_weight * tri + cfg.mse_weight * mse.to(ce.device)
-        return total, {"ce": float(ce.detach()), "triplet": float(tri.detach()), "mse": float(mse.detach())}
+def gather_across_processes(x: torch.Tensor) -> torch.Tensor:
+    """``x`` of every process concatenated along dim 0, in rank order; float tensors keep their gradient
+    (each process's slice sends its gradient back to that process), labels need none."""
+    if x.is_floating_point():
+        return torch.cat(dist_fn.all_gather(x))
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)

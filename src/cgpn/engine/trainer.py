@@ -45,7 +45,7 @@ from cgpn.engine.checkpoint import (
     restore_rng,
     state_nbytes,
 )
-from cgpn.engine.distributed import DistEnv, GlobalTripletLoss, any_rank, init_distributed
+from cgpn.engine.distributed import DistEnv, any_rank, gather_across_processes, init_distributed
 from cgpn.engine.evaluation import evaluate_model
 from cgpn.engine.events import MetricsWriter
 from cgpn.engine.hooks import (
@@ -58,18 +58,14 @@ from cgpn.engine.hooks import (
 )
 from cgpn.engine.inference import resolve_device
 from cgpn.engine.precision import Precision, resolve_precision
-from cgpn.errors import CgpnError, ConfigError
+from cgpn.errors import ConfigError, TrainingDivergedError
 from cgpn.losses import CGPNLoss
 from cgpn.metrics.rank import RankResult
 
-__all__ = ["TrainResult", "Trainer", "TrainingDivergedError", "build_optimizer", "build_scheduler",
+__all__ = ["TrainResult", "Trainer", "build_optimizer", "build_scheduler",
            "seed_everything", "train"]
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingDivergedError(CgpnError):
-    """A loss term became NaN or infinite; the run stopped before the bad update."""
 
 
 @dataclass
@@ -362,7 +358,8 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if e.compile:
         train_model = torch.compile(train_model)
-    criterion = GlobalTripletLoss(cfg.loss) if e.triplet_scope == "global" and env.distributed else CGPNLoss(cfg.loss)
+    criterion = CGPNLoss(cfg.loss, gather=gather_across_processes if e.triplet_scope == "global" and env.distributed
+                         else None)
     loader = build_train_loader(dataset.train, cfg.data, seed=e.seed, rank=env.rank,
                                        world_size=env.world_size)
     metrics = None
