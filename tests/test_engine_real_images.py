@@ -19,7 +19,6 @@ from cgpn.engine.trainer import train
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.slow
 def test_demo_model_learns_on_real_cuhk03_images(shared_data: Path, tmp_path: Path) -> None:
     root = shared_data / "cuhk03-np-mini" / "labeled"
     if not root.is_dir():

@@ -142,7 +142,6 @@ def test_user_errors(eager: FeatureExtractor, tmp_path: Path) -> None:
         list_images(empty)
 
 
-@pytest.mark.slow
 def test_default_path_keeps_rank1_on_cuhk03_mini(shared_data: Path, tmp_path: Path) -> None:
     """Eager fp32 and the default CPU path rank the real CUHK03 mini set the same way."""
     from cgpn.data.datasets import build_dataset

@@ -265,7 +265,7 @@ def generate_synthetic(out: str | Path, spec: SyntheticSpec | None = None, progr
         Image.fromarray(pixels).save(dirs[folder] / f"{pid:04d}_c{cam + 1}s1_{frame:06d}_00.jpg", quality=92)
         counts[folder] += 1
     (out / "synthetic.json").write_text(json.dumps(asdict(spec), indent=2))
-    logger.info("wrote %s images to %s", sum(counts.values()), out)
+    logger.debug("wrote %s images to %s", sum(counts.values()), out)
     return counts
 
 
