@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR  ?= runs/demo
 PYTEST_WORKERS ?= 2
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint clean
 
 install: $(VENV)/.installed
 
