@@ -45,7 +45,7 @@ def _error_line(capsys, *argv: str) -> str:
 @pytest.mark.parametrize(("override", "needle"), [
     ("model.name=cgpn7", "unknown model 'cgpn7'"),
     ("model.backbone=resnet5", "unknown backbone 'resnet5'"),
-    ("model.bakbone=resnet18", "unknown config key 'model.bakbone'; did you mean 'backbone'"),
+    ("model.bakbone=resnet18", "unknown config key 'model.bakbone'; did you mean 'model.backbone'"),
     ("data.batch_size=10", "must be a multiple of data.num_instances"),
 ])
 def test_config_mistakes(capsys, tiny_synth, tmp_path, override, needle):

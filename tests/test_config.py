@@ -39,7 +39,7 @@ def test_saved_config_reads_back_identically(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("model.backbon=resnet18", "unknown config key 'model.backbon'; did you mean 'backbone'"),
+    ("model.backbon=resnet18", "unknown config key 'model.backbon'; did you mean 'model.backbone'"),
     ("solver.lr=fast", "config key 'solver.lr' expects float or int, got 'fast'"),
     ("data.batch_size=1.5", "config key 'data.batch_size' expects int"),
     ("nosection.key=1", "unknown config key 'nosection'"),

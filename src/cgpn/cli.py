@@ -397,8 +397,9 @@ def _add_extractor_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    # cgpn's own messages at INFO; other libraries' (faiss, onnx...) only from WARNING up
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.func(args)
     except CgpnError as err:

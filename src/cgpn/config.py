@@ -239,8 +239,10 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
 
 
 def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+    hint = (f"; did you mean '{section}{close[0]}'?" if close
+            else f"; known keys{f' of {section[:-1]}' if section else ''}: {', '.join(sorted(known))}")
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
