@@ -115,6 +115,7 @@ def test_loaders_on_tiny_synthetic(tiny_synth: Path) -> None:
     assert idx.tolist() == list(range(len(ds.gallery)))  # in order
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_pinned_memory_with_a_gpu(tiny_synth: Path) -> None:
     ds = build_dataset("synthetic", tiny_synth)
