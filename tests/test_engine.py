@@ -242,6 +242,8 @@ def test_paper_recipes(name: str, model: str) -> None:
     for key, value in {**PAPER, "model.name": model}.items():
         section, field = key.split(".")
         assert cfg[section][field] == value, key
+    if name.startswith("cuhk03"):
+        assert cfg["data"]["cuhk03_labeled"] is (name == "cuhk03_labeled")
 
 
 def test_every_config_loads_and_demo_keeps_its_values() -> None:

@@ -2,7 +2,7 @@
 
 The short API::
 
-    from cgpn import build_model, evaluate, load_config, train
+    from cgpn import FeatureExtractor, build_model, evaluate, load_config, train
     model = build_model("cgpn", num_classes=751)          # the network of Fig. 2
     result = evaluate(distmat, q_pids, g_pids, q_camids, g_camids)
     print(result.summary())

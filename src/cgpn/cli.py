@@ -89,6 +89,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.checkpoint and args.config:
+        raise ConfigError("--config applies to an untrained network only; a checkpoint brings its own config "
+                          "(change it with --set KEY=VALUE, --dataset, --data-root)")
     cfg = None if args.checkpoint else _config(args)
 
     from cgpn.data.datasets import build_dataset
@@ -234,8 +237,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                           f"pass --checkpoint C (the one given to cgpn extract)")
     query = Path(args.query)
     paths = [str(p) for p in list_images(query)] if query.is_dir() else [str(query)]
-    if args.gpu:
-        index.to_gpu()
+    if args.gpu and not index.to_gpu():
+        logger.warning("--gpu: this faiss build has no GPU support or sees no GPU; searching on the CPU")
     extractor = _extractor(args, checkpoint)
     index.check_dim(extractor.feature_dim)  # before embedding a folder of queries
     feats = extractor(paths).numpy()
@@ -286,22 +289,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cgpn", description="Person re-identification with CGPN: "
                                      "train, evaluate and use the network of Mao et al.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    # --debug / -q go before or after the verb; a verb's copy has no default, so it never hides the first
+    common = argparse.ArgumentParser(add_help=False)
+    for p in (parser, common):
+        default = False if p is parser else argparse.SUPPRESS
+        p.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+        p.add_argument("-q", "--quiet", action="store_true", default=default, help="only warnings and results")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     from cgpn.config import INDEX_KINDS, ONNX_OPSET, IndexSettings
     from cgpn.data.datasets.synthetic import SyntheticSpec
 
-    p = verbs.add_parser("synth", help="write the procedural synthetic data set (Market-1501 layout)")
+    p = verbs.add_parser("synth", parents=[common],
+                         help="write the procedural synthetic data set (Market-1501 layout)")
     p.add_argument("--out", required=True, help="folder to write (bounding_box_train/, query/, ...)")
     p.add_argument("--preset", default="demo", help="starting settings: demo (default) or tiny")
     for f in dataclasses.fields(SyntheticSpec):
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
-                       help=f"(preset value if omitted; demo: {f.default})")
+                       help=f"{f.metadata['help']} (default: the preset's; demo: {f.default})")
     p.set_defaults(func=cmd_synth)
 
-    p = verbs.add_parser("train", help="train a model (the paper's recipe unless the config says otherwise); "
+    p = verbs.add_parser("train", parents=[common],
+                         help="train a model (the paper's recipe unless the config says otherwise); "
                          "several GPUs or machines: torchrun --nproc_per_node N -m cgpn train ...")
     _add_config_args(p)
     start = p.add_mutually_exclusive_group()
@@ -311,33 +320,37 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from a checkpoint's weights except the identity classifiers (new data set)")
     p.set_defaults(func=cmd_train)
 
-    p = verbs.add_parser("eval", help="CMC / mAP / mINP of a checkpoint (or of an untrained config)")
+    p = verbs.add_parser("eval", parents=[common],
+                         help="CMC / mAP / mINP of a checkpoint (or of an untrained config)")
     p.add_argument("--checkpoint", help="a checkpoint written by cgpn train; without it, the untrained network")
     _add_rerank_arg(p)
     p.add_argument("--occlude", metavar="RATES", help="also evaluate with that fraction of each query image hidden "
                    "(comma-separated, e.g. 0.1,0.2,0.3,0.4): a table and a plot")
-    p.add_argument("--plot", help="PNG for --occlude (default: occlusion.png beside the checkpoint)")
+    p.add_argument("--plot", help="PNG for --occlude (default: occlusion.png beside the checkpoint, or in output_dir)")
     _add_config_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = verbs.add_parser("show", help="draw ranked lists (query + top-k, green/red frames) or a run's training "
+    p = verbs.add_parser("show", parents=[common],
+                         help="draw ranked lists (query + top-k, green/red frames) or a run's training "
                          "curves as a PNG")
     p.add_argument("--checkpoint", help="a checkpoint written by cgpn train (ranked lists)")
     p.add_argument("--curves", metavar="RUN_DIR", help="draw the loss, lr, speed and Rank-1/mAP curves of a run "
                    "folder (its metrics.csv) instead")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--queries", default="random", help="random | worst | best | comma-separated pids")
-    p.add_argument("--num-queries", type=int, default=8)
-    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--num-queries", type=int, default=8, help="rows of the picture (default 8)")
+    p.add_argument("--topk", type=int, default=10, help="gallery images per row (default 10)")
     _add_rerank_arg(p)
     _add_config_args(p, config=False)
     p.set_defaults(func=cmd_show)
 
-    p = verbs.add_parser("check-data", help="open every image of a data set and report unreadable files "
+    p = verbs.add_parser("check-data", parents=[common],
+                         help="open every image of a data set and report unreadable files "
                          "(exit 1 if any, 2 if the data set itself is wrong)")
     _add_config_args(p)
     p.set_defaults(func=cmd_check_data)
-    p = verbs.add_parser("extract", help="features of every image under a folder -> .npz (or .parquet)")
+    p = verbs.add_parser("extract", parents=[common],
+                         help="features of every image under a folder -> .npz (or .parquet)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by cgpn train")
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="file to write, e.g. feats.npz")
@@ -345,9 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extractor_args(p)
     p.set_defaults(func=cmd_extract)
 
-    p = verbs.add_parser("index", help="gallery index over extracted features (FAISS)")
+    p = verbs.add_parser("index", parents=[common],
+                         help="gallery index over extracted features (FAISS)")
     index_verbs = p.add_subparsers(dest="index_verb", metavar="ACTION", required=True)
-    p = index_verbs.add_parser("build", help="index a features file for cgpn search")
+    p = index_verbs.add_parser("build", parents=[common],
+                         help="index a features file for cgpn search")
     p.add_argument("--features", required=True, help="a features file written by cgpn extract (.npz / .parquet)")
     p.add_argument("--out", required=True, help="index file to write, e.g. gallery.faiss (+ gallery.faiss.json)")
     defaults = IndexSettings()
@@ -360,18 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="record this checkpoint for search (default: the one in the features file)")
     p.set_defaults(func=cmd_index_build)
 
-    p = verbs.add_parser("search", help="nearest gallery images of a query image (or of every image in a folder)")
+    p = verbs.add_parser("search", parents=[common],
+                         help="nearest gallery images of a query image (or of every image in a folder)")
     p.add_argument("--index", required=True, help="an index written by cgpn index build")
     p.add_argument("--query", required=True, help="an image file or a folder of images")
-    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--topk", type=int, default=10, help="results per query (default 10)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--checkpoint", help="embed the queries with this checkpoint (default: the index's)")
     p.add_argument("--gpu", action="store_true", help="search on the GPUs when faiss has GPU support")
     _add_extractor_args(p)
     p.set_defaults(func=cmd_search)
 
-    p = verbs.add_parser("export", help="write the model as ONNX and check it with onnxruntime against PyTorch")
-    p.add_argument("--checkpoint", required=True)
+    p = verbs.add_parser("export", parents=[common],
+                         help="write the model as ONNX and check it with onnxruntime against PyTorch")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by cgpn train")
     p.add_argument("--onnx", required=True, help="file to write, e.g. model.onnx")
     p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
     p.add_argument("--no-flip", action="store_true", help="leave flip averaging out of the graph")

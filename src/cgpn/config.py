@@ -3,7 +3,7 @@
 A run is configured in three layers, later ones winning: the defaults below, a YAML file (which may
 inherit another through ``_base_``), then ``--set section.key=value`` overrides on the command line.
 The resolved config is saved as ``config.yaml`` beside every run and embedded in its checkpoints.
-Numbers in comments refer to the paper (``shared/paper/cgpn-paper.md``) or to SPEC.md's points.
+Numbers in comments refer to the paper (arXiv 2010.07675) or to the points of ``docs/SPEC.md``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +44,17 @@ PATTERNS = ("solid", "hstripes", "vstripes", "checker", "split")
 class SyntheticSpec:
     """Settings of ``cgpn synth`` (flags of the same names, ``-`` for ``_``)."""
 
-    train_ids: int = 64  # identities in bounding_box_train
-    test_ids: int = 50  # identities in query + bounding_box_test
-    images_per_id: int = 10  # images of each identity, spread over the cameras
-    cameras: int = 4
-    height: int = 128  # image size in pixels (Market-1501: 128 x 64)
-    width: int = 64
-    occlusion: float = 0.2  # fraction of images with an occluder over part of the body
-    truncation: float = 0.15  # fraction of images with the top or bottom of the body cut off
-    distractors: int = 0  # extra gallery images of pid 0000 (Market's distractors)
-    seed: int = 0
+    train_ids: int = field(default=64, metadata={"help": "identities in bounding_box_train"})
+    test_ids: int = field(default=50, metadata={"help": "identities in query + bounding_box_test"})
+    images_per_id: int = field(default=10, metadata={"help": "images of each identity, spread over the cameras"})
+    cameras: int = field(default=4, metadata={"help": "cameras (colour cast, brightness, blur, background)"})
+    height: int = field(default=128, metadata={"help": "image height in pixels (Market-1501: 128)"})
+    width: int = field(default=64, metadata={"help": "image width in pixels (Market-1501: 64)"})
+    occlusion: float = field(default=0.2, metadata={"help": "fraction of images with an occluder over the body"})
+    truncation: float = field(default=0.15, metadata={
+        "help": "fraction of images with the top or bottom of the body cut off"})
+    distractors: int = field(default=0, metadata={"help": "extra gallery images of pid 0000 (Market's distractors)"})
+    seed: int = field(default=0, metadata={"help": "the same seed writes the same images"})
 
 
 PRESETS: dict[str, SyntheticSpec] = {
