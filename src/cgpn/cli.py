@@ -349,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(exit 1 if any, 2 if the data set itself is wrong)")
     _add_config_args(p)
     p.set_defaults(func=cmd_check_data)
+
     p = verbs.add_parser("extract", parents=[common],
                          help="features of every image under a folder -> .npz (or .parquet)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by cgpn train")
@@ -358,11 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extractor_args(p)
     p.set_defaults(func=cmd_extract)
 
-    p = verbs.add_parser("index", parents=[common],
-                         help="gallery index over extracted features (FAISS)")
+    p = verbs.add_parser("index", parents=[common], help="gallery index over extracted features (FAISS)")
     index_verbs = p.add_subparsers(dest="index_verb", metavar="ACTION", required=True)
-    p = index_verbs.add_parser("build", parents=[common],
-                         help="index a features file for cgpn search")
+    p = index_verbs.add_parser("build", parents=[common], help="index a features file for cgpn search")
     p.add_argument("--features", required=True, help="a features file written by cgpn extract (.npz / .parquet)")
     p.add_argument("--out", required=True, help="index file to write, e.g. gallery.faiss (+ gallery.faiss.json)")
     defaults = IndexSettings()
