@@ -63,7 +63,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     spec = dataclasses.replace(PRESETS[args.preset], **{
         f.name: getattr(args, f.name) for f in dataclasses.fields(PRESETS[args.preset])
         if getattr(args, f.name) is not None})
-    counts = generate_synthetic(args.out, spec)
+    counts = generate_synthetic(args.out, spec, progress=not args.quiet)
     print(f"wrote {sum(counts.values())} images to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
