@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: install
 	$(BIN)/cgpn synth --out $(DEMO_DIR)/data --preset demo
-	$(BIN)/cgpn train --config configs/demo.yaml --set data.root=$(DEMO_DIR)/data --set output_dir=$(DEMO_DIR)
+	$(BIN)/cgpn train --config configs/demo.yaml --set data.root=$(DEMO_DIR)/data --set output_dir=$(DEMO_DIR) --resume auto
 	$(BIN)/cgpn show --checkpoint $(DEMO_DIR)/last.pt --set data.root=$(DEMO_DIR)/data --out $(DEMO_DIR)/ranked_list.png
 
 test: install

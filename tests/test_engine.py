@@ -147,6 +147,18 @@ def test_resume_of_a_finished_run_restores_its_record(tiny_run, tmp_path: Path) 
     assert _csv(run) == series  # rows up to the resumed step are kept as they were
 
 
+def test_a_folder_holds_one_run(tiny_run) -> None:
+    """A fresh start in a run's folder, or a resume behind checkpoints that exist, is refused: pruning and
+    --resume auto go by step number, so the other files would take this run's place. Nothing is written."""
+    before = sorted(p.name for p in (tiny_run.out / "checkpoints").iterdir())
+    cfg = load_config(tiny_run.out / "config.yaml")
+    with pytest.raises(ConfigError, match=r"already holds a run \(step_00000008.pt\); continue it with --resume auto"):
+        train(cfg)
+    with pytest.raises(ConfigError, match=r"after the one resumed \(step 6\): step_00000007.pt, step_00000008.pt"):
+        train(cfg, resume=str(tiny_run.out / "checkpoints" / "step_00000006.pt"))
+    assert sorted(p.name for p in (tiny_run.out / "checkpoints").iterdir()) == before
+
+
 @pytest.fixture(scope="module")
 def five_ids(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("five_ids")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +114,19 @@ def test_auto_on_cpu_is_onnxruntime_with_a_cached_graph(checkpoint: Path, images
     monkeypatch.setattr("cgpn.extractor.export_onnx", no_export)
     second = FeatureExtractor(checkpoint, device="cpu")
     torch.testing.assert_close(second(images), first(images))
+
+
+def test_cache_keeps_each_variant_and_replaces_stale_graphs(checkpoint: Path, tmp_path: Path) -> None:
+    """Graphs with and without flip of one checkpoint live side by side; rewriting the checkpoint file
+    replaces only the graph of the variant that was asked for again."""
+    ckpt = tmp_path / "model.pt"
+    shutil.copyfile(checkpoint, ckpt)
+    with_flip = Path(FeatureExtractor(ckpt, device="cpu")._onnx_graph())
+    without = Path(FeatureExtractor(ckpt, device="cpu", flip=False)._onnx_graph())
+    assert with_flip != without and with_flip.is_file() and without.is_file()
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))  # as if written again
+    fresh = Path(FeatureExtractor(ckpt, device="cpu")._onnx_graph())
+    assert fresh != with_flip and fresh.is_file() and not with_flip.exists() and without.is_file()
 
 
 def test_progress_bar_on_request(eager: FeatureExtractor, images: list[Path], capsys: pytest.CaptureFixture,

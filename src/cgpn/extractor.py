@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
 
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def cache_dir() -> Path:
     """Where exported graphs are kept: ``$CGPN_CACHE_DIR``, else ``$XDG_CACHE_HOME/cgpn`` or ``~/.cache/cgpn``."""
     if os.environ.get("CGPN_CACHE_DIR"):
@@ -192,9 +196,11 @@ class FeatureExtractor:
             return buffer.getvalue()
         stat = self.checkpoint.stat()
         where = str(self.checkpoint.resolve())
-        key = f"{where}|{stat.st_size}|{stat.st_mtime_ns}|{h}x{w}|flip={self.flip}|opset={ONNX_OPSET}|{torch.__version__}"
-        folder = cache_dir() / "onnx" / hashlib.sha256(where.encode()).hexdigest()[:16]
-        target = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
+        # <variant>-<file state>.onnx: graphs of other variants (size, flip) of the same checkpoint stay; a
+        # variant's graph of an earlier state of the checkpoint file is replaced
+        variant = _short_hash(f"{h}x{w}|flip={self.flip}|opset={ONNX_OPSET}|{torch.__version__}")
+        folder = cache_dir() / "onnx" / _short_hash(where)
+        target = folder / f"{variant}-{_short_hash(f'{stat.st_size}|{stat.st_mtime_ns}')}.onnx"
         if target.is_file():
             return target
         logger.info("exporting %s to ONNX for onnxruntime (once per checkpoint; cached in %s)", self.checkpoint,
@@ -206,7 +212,7 @@ class FeatureExtractor:
             os.close(fd)
             export_onnx(self.model, tmp, h, w, flip=self.flip)
             os.replace(tmp, target)
-            for old in folder.glob("*.onnx"):  # graphs of earlier states of the same checkpoint file
+            for old in folder.glob(f"{variant}-*.onnx"):  # this variant for earlier states of the file
                 if old != target:
                     old.unlink(missing_ok=True)
         except OSError as err:

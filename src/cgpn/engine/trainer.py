@@ -292,6 +292,21 @@ def train(cfg: Config, resume: str | None = None, finetune: str | None = None) -
             env.close()
 
 
+def _check_no_other_run(out: Path, state: dict[str, Any] | None) -> None:
+    """Refuse to mix two runs' checkpoints in one folder: pruning keeps the highest step numbers and
+    ``--resume auto`` takes the highest, so an older run's files would replace this run's."""
+    steps = sorted((out / "checkpoints").glob("step_*.pt"))
+    if state is None and (steps or (out / "last.pt").is_file()):
+        raise ConfigError(f"output_dir '{out}' already holds a run ({steps[-1].name if steps else 'last.pt'}); "
+                          f"continue it with --resume auto, or start anew in another folder with "
+                          f"--set output_dir=DIR")
+    newer = [p.name for p in steps if state is not None and int(p.stem.split("_")[1]) > state.get("step", 0)]
+    if newer:
+        raise ConfigError(f"'{out / 'checkpoints'}' holds checkpoints after the one resumed (step {state['step']}): "
+                          f"{', '.join(newer)}; move them out of the folder (or resume the newest with "
+                          f"--resume auto)")
+
+
 @contextlib.contextmanager
 def _process_settings_restored() -> Iterator[None]:
     """Put back the process-wide torch settings a run changes (threads, deterministic kernels, TF32,
@@ -329,6 +344,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
 
     ckpt_path = find_resume_checkpoint(resume, out) if resume else None
     state = load_checkpoint(ckpt_path) if ckpt_path else None
+    _check_no_other_run(out, state)
     if resume == "auto" and ckpt_path is None:
         logger.info("--resume auto: no checkpoint in %s yet, starting from scratch", out)
     if state is not None and env.is_main:
