@@ -173,3 +173,30 @@ def test_default_path_keeps_rank1_on_cuhk03_mini(shared_data: Path, tmp_path: Pa
         results[backend] = evaluate(pairwise_distance(qf, gf), ids[0], ids[2], ids[1], ids[3])
     assert results["auto"].rank(1) == results["eager"].rank(1)
     assert abs(results["auto"].mAP - results["eager"].mAP) < 1e-3
+
+
+def test_a_model_passed_in_is_left_as_it_was(checkpoint: Path, tmp_path: Path) -> None:
+    """The extractor and the ONNX export work on their own copy / put back mode and device."""
+    from cgpn.export import export_onnx
+
+    model, cfg = load_model(checkpoint)
+    model.train()
+    conv = model.backbone.conv1.weight if hasattr(model, "backbone") else next(model.parameters())
+    FeatureExtractor(model, device="cpu", backend="channels_last", config=cfg, progress=False)
+    assert model.training and conv.is_contiguous()  # not switched to eval, nor to channels_last
+    export_onnx(model, tmp_path / "m.onnx", HEIGHT, WIDTH)
+    assert model.training and next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("gpu", "unknown device 'gpu'; use auto, cpu, cuda or cuda:N"),
+    ("mps", "device 'mps' is not supported"),
+    ("cuda:7", "device 'cuda:7' asked for, but this machine has"),
+])
+def test_device_names_are_checked(checkpoint: Path, name: str, message: str) -> None:
+    from cgpn.errors import ConfigError
+
+    if name == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(ConfigError, match=message):
+        FeatureExtractor(checkpoint, device=name)

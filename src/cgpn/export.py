@@ -81,7 +81,7 @@ def export_onnx(model: nn.Module, out: str | Path | io.BytesIO, height: int, wid
         flip, normalize: average with the mirrored image; L2-normalise the result.
         opset: ONNX opset version.
     """
-    was_training = model.training
+    was_training, device = model.training, next(model.parameters()).device
     embedder = Embedder(model.eval(), flip=flip, normalize=normalize).cpu()
     example = torch.randn(2, 3, height, width)
     if isinstance(out, (str, Path)):
@@ -94,7 +94,7 @@ def export_onnx(model: nn.Module, out: str | Path | io.BytesIO, height: int, wid
                           input_names=["images"], output_names=["features"],
                           dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
                           do_constant_folding=True)
-    model.train(was_training)
+    model.train(was_training).to(device)  # the caller's model as it was
     return out
 
 
@@ -152,8 +152,8 @@ def check_onnx(model_file: str | Path | bytes, model: nn.Module, height: int, wi
     """Run a random (batch_size, 3, height, width) batch through the ONNX file and through PyTorch."""
     session = onnx_session(model_file)
     images = torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(seed))
-    was_training = model.training
-    expected = Embedder(model.eval(), flip=flip, normalize=normalize)(images).float().cpu().numpy()
+    was_training, device = model.training, next(model.parameters()).device
+    expected = Embedder(model.eval(), flip=flip, normalize=normalize)(images.to(device)).float().cpu().numpy()
     model.train(was_training)
     got = session.run(["features"], {"images": images.numpy()})[0]
     if got.shape != expected.shape:

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import logging
@@ -134,8 +135,8 @@ class FeatureExtractor:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         self.checkpoint: Path | None = None
-        if isinstance(checkpoint_or_model, nn.Module):
-            model, cfg = checkpoint_or_model, config or Config()
+        if isinstance(checkpoint_or_model, nn.Module):  # a copy: the caller's model keeps its device and mode
+            model, cfg = copy.deepcopy(checkpoint_or_model), config or Config()
         else:
             self.checkpoint = Path(checkpoint_or_model)
             model, cfg = load_model(self.checkpoint)

@@ -8,14 +8,27 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cgpn.errors import ConfigError
+
 __all__ = ["extract_features", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU."""
+    """``auto`` -> the first CUDA device if there is one, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as named."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"device '{name}' asked for, but this machine has "
+                              f"{f'{count} CUDA device(s)' if count else 'no CUDA device'}; use auto or cpu")
+    elif device.type != "cpu":
+        raise ConfigError(f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 @torch.inference_mode()
