@@ -24,40 +24,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cgpn.config import ONNX_OPSET, Config
 from cgpn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cgpn.engine.inference import Embedder
 from cgpn.errors import DependencyError
 
-__all__ = ["TOLERANCE", "Embedder", "OnnxCheck", "check_onnx", "export_onnx", "import_onnxruntime",
+__all__ = ["TOLERANCE", "OnnxCheck", "check_onnx", "export_onnx", "import_onnxruntime",
            "onnx_session", "write_metadata"]
 
 logger = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4  # largest absolute difference accepted between onnxruntime and PyTorch features
-
-
-class Embedder(nn.Module):
-    """A network's test feature: ``model(x)`` averaged with ``model(x mirrored)``, then L2-normalised.
-
-    Image and mirror go through the network as one batch of 2B, which is what an exported graph and
-    a CPU run want (one large batch rather than two).
-    """
-
-    def __init__(self, model: nn.Module, flip: bool = True, normalize: bool = True) -> None:
-        super().__init__()
-        self.model, self.flip, self.normalize = model, flip, normalize
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, D) features (fp32 even under bf16 autocast)."""
-        if self.flip:
-            f = self.model(torch.cat([images, images.flip(3)])).float()  # (2B, D): images, then mirrors
-            f = f.reshape(2, -1, f.shape[1]).mean(0)  # (B, D)
-        else:
-            f = self.model(images).float()
-        return F.normalize(f, dim=1) if self.normalize else f
 
 
 def import_onnxruntime():

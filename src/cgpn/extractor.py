@@ -36,9 +36,9 @@ from cgpn.data.datasets.base import IMAGE_SUFFIXES
 from cgpn.data.loader import read_image
 from cgpn.data.transforms import build_transforms
 from cgpn.engine.checkpoint import load_model
-from cgpn.engine.inference import resolve_device
+from cgpn.engine.inference import Embedder, resolve_device
 from cgpn.errors import ConfigError, DatasetError, DependencyError, ImageError
-from cgpn.export import Embedder, export_onnx, import_onnxruntime, onnx_session
+from cgpn.export import export_onnx, import_onnxruntime, onnx_session
 
 __all__ = ["FeatureExtractor", "ImageInput", "cache_dir", "list_images", "to_pil"]
 
@@ -147,7 +147,9 @@ class FeatureExtractor:
         self.model = model.eval()
         self.backend = self._resolve_backend(backend)
         self._run = self._build_runner()
-        self.feature_dim = int(self._run(torch.zeros(1, 3, cfg.data.height, cfg.data.width)).shape[1])
+        dim = getattr(model, "feature_dim", None)  # a CGPN knows it; another network is asked with a forward
+        self.feature_dim = int(dim if dim is not None else
+                               self._run(torch.zeros(1, 3, cfg.data.height, cfg.data.width)).shape[1])
         logger.info("feature extractor: %s on %s, %d-d features, %dx%d input%s", self.backend, self.device,
                     self.feature_dim, cfg.data.height, cfg.data.width, ", flip-averaged" if flip else "")
 

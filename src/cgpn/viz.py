@@ -101,14 +101,12 @@ def plot_occlusion(results: Mapping[float, object], out: str | Path, title: str 
         out: PNG file to write.
         title: plot title (e.g. the checkpoint).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend stays as it is
 
     rates = sorted(results)
     x = [100 * r for r in rates]
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    fig = Figure(figsize=(5, 3.6), dpi=120)
+    ax = fig.subplots()
     ax.plot(x, [100 * results[r].rank(1) for r in rates], "o-", label="Rank-1")
     ax.plot(x, [100 * results[r].mAP for r in rates], "s--", label="mAP")
     ax.set_xlabel("query area hidden (%)")
@@ -121,5 +119,4 @@ def plot_occlusion(results: Mapping[float, object], out: str | Path, title: str 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return out

@@ -52,7 +52,7 @@ def occlude(image: Image.Image, rate: float, rng: np.random.Generator, kind: str
     w, h = image.size
     if kind == "rectangle":
         # Any shape from a full-width band (height r*h) to a full-height bar (width r*w), same area.
-        rh = round(rng.uniform(rate * h, h))
+        rh = max(1, round(rng.uniform(rate * h, h)))
         rw = min(w, max(1, round(rate * w * h / rh)))
         x0, y0 = int(rng.integers(0, w - rw + 1)), int(rng.integers(0, h - rh + 1))
         pixels = np.array(image)

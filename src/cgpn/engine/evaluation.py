@@ -13,7 +13,6 @@ from cgpn.data.datasets.base import ReidDataset
 from cgpn.data.loader import build_test_loader
 from cgpn.engine.inference import extract_features
 from cgpn.metrics.rank import RankResult, evaluate, pairwise_distance
-from cgpn.metrics.rerank import rerank
 
 __all__ = ["TestFeatures", "evaluate_model", "rank_test_features", "ranking_distances", "test_features"]
 
@@ -47,6 +46,8 @@ def ranking_distances(t: TestFeatures, cfg: Config) -> torch.Tensor:
     c = cfg.test
     if not c.rerank:
         return t.distmat
+    from cgpn.metrics.rerank import rerank  # scipy.sparse: loaded only when re-ranking
+
     return rerank(t.qf, t.gf, k1=c.rerank_k1, k2=c.rerank_k2, lambda_value=c.rerank_lambda, metric=c.distance,
                   memory_mb=c.memory_mb)
 

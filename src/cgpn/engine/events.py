@@ -87,15 +87,13 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[tuple[int, int, float]]]
 
 def draw_curves(run_dir: str | Path, out: str | Path) -> Path:
     """Draw a run's loss terms, learning rate, speed and Rank-1 / mAP against the iteration as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend stays as it is
 
     series = read_metrics(run_dir)
     losses = {t.split("/", 1)[1]: v for t, v in series.items()
               if t.startswith("train/") and t not in ("train/lr", "train/images_per_s") and any(p[2] for p in v)}
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    fig = Figure(figsize=(18, 4))
+    axes = fig.subplots(1, 4)
     panels = [(axes[0], "loss terms", losses, True),
               (axes[1], "learning rate", {"lr": series.get("train/lr", [])}, True),
               (axes[2], "images / s", {"train": series.get("train/images_per_s", [])}, False),
@@ -118,5 +116,4 @@ def draw_curves(run_dir: str | Path, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out

@@ -211,8 +211,10 @@ class Trainer:
 
     def check_weights(self) -> None:
         """Refuse to checkpoint non-finite weights: the last checkpoint on disk stays the last good one."""
-        bad = next((n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
-        if bad is not None:
+        names, params = zip(*self.model.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).cpu()  # one device sync, not one each
+        if not finite.all():
+            bad = names[int((~finite).nonzero()[0])]
             raise TrainingDivergedError(
                 f"parameter '{bad}' is not finite after step {self.step} (epoch {self.epoch + 1}); not saved; "
                 f"last good checkpoint: {self.last_checkpoint or 'none yet'} (try a lower solver.lr)")
@@ -309,15 +311,17 @@ def _check_no_other_run(out: Path, state: dict[str, Any] | None) -> None:
 
 @contextlib.contextmanager
 def _process_settings_restored() -> Iterator[None]:
-    """Put back the process-wide torch settings a run changes (threads, deterministic kernels, TF32,
-    cuDNN autotuning), so that code running after ``train`` in the same process is unaffected."""
+    """Put back the process-wide settings a run changes (threads, deterministic kernels, TF32, cuDNN
+    autotuning, cgpn's log level), so that code running after ``train`` in the same process is unaffected.
+    The random generators stay seeded from ``engine.seed``, as after any seeded run."""
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_float32_matmul_precision(),
-             torch.backends.cudnn.benchmark)
+             torch.backends.cudnn.benchmark, logging.getLogger("cgpn").level)
     try:
         yield
     finally:
-        threads, deterministic, warn_only, matmul, benchmark = saved
+        threads, deterministic, warn_only, matmul, benchmark, log_level = saved
+        logging.getLogger("cgpn").setLevel(log_level)  # quietened on non-zero ranks
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.set_float32_matmul_precision(matmul)
@@ -394,9 +398,9 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
                      Evaluator(lambda: evaluate_model(model, dataset, cfg, device), e.eval_period,
                                e.eval_at_start, env),
                      PeriodicCheckpoint(checkpointer, e.checkpoint_period, e.checkpoint_steps, env))
-    if state is not None:
-        trainer.load_state_dict(state, str(ckpt_path))  # last: restores the RNG states too
     try:
+        if state is not None:
+            trainer.load_state_dict(state, str(ckpt_path))  # last: restores the RNG states too
         trainer.train()
     finally:
         if metrics is not None:

@@ -61,6 +61,8 @@ class GalleryIndex:
                  checkpoint: str, settings: IndexSettings) -> None:
         self.index, self.paths, self.pids, self.camids = index, paths, pids, camids
         self.checkpoint, self.settings = checkpoint, settings
+        if settings.kind != "flat":  # on the CPU index, before any to_gpu (GPU clones copy it)
+            import_faiss().extract_index_ivf(index).nprobe = settings.nprobe
 
     @property
     def dim(self) -> int:
@@ -165,6 +167,4 @@ class GalleryIndex:
         self.check_dim(queries.shape[-1] if queries.ndim == 2 else -1)
         if topk < 1:
             raise ConfigError(f"--topk must be at least 1, got {topk}")
-        if self.settings.kind != "flat":
-            import_faiss().extract_index_ivf(self.index).nprobe = self.settings.nprobe
         return self.index.search(_normalized(queries), min(topk, len(self)))
