@@ -353,8 +353,12 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
         logger.info("--resume auto: no checkpoint in %s yet, starting from scratch", out)
     if state is not None and env.is_main:
         changed = [k for k in _config_changes(state["config"], cfg.to_dict()) if k != "output_dir"]
-        logger.info("resuming from %s (epoch %d, iteration %d)%s", ckpt_path, state["epoch"] + 1,
-                    state.get("batch", 0), f"; settings changed since: {', '.join(changed)}" if changed else "")
+        if state["epoch"] >= cfg.solver.epochs:
+            logger.info("%s is the end of a finished run (%d epochs): nothing to train; its record follows",
+                        ckpt_path, state["epoch"])
+        else:
+            logger.info("resuming from %s (epoch %d, iteration %d)%s", ckpt_path, state["epoch"] + 1,
+                        state.get("batch", 0), f"; settings changed since: {', '.join(changed)}" if changed else "")
 
     dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
     num_classes = dataset.num_train_pids
