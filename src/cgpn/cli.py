@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           "(change it with --set KEY=VALUE, --dataset, --data-root)")
     cfg = None if args.checkpoint else _config(args)
 
-    from cgpn.data.datasets import build_dataset
+    from cgpn.data.datasets import dataset_from_config
     from cgpn.data.occlusion import parse_rates
     from cgpn.engine.checkpoint import build_model_from_config
     from cgpn.engine.evaluation import evaluate_model
@@ -105,9 +105,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rates = parse_rates(args.occlude) if args.occlude else []
     if args.checkpoint:
         model, cfg = _model_and_config(args)
-        dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
-    else:  # the untrained network of a config: what training starts from
-        dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
+    dataset = dataset_from_config(cfg.data)
+    if not args.checkpoint:  # the untrained network of a config: what training starts from
         model = build_model_from_config(cfg, dataset.num_train_pids)
     device = resolve_device(cfg.engine.device)
     if not rates:
@@ -148,13 +147,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     if not args.checkpoint:
         raise ConfigError("cgpn show needs --checkpoint FILE (ranked lists) or --curves RUN_DIR (training curves)")
-    from cgpn.data.datasets import build_dataset
+    from cgpn.data.datasets import dataset_from_config
     from cgpn.engine.evaluation import rank_test_features, ranking_distances, test_features
     from cgpn.engine.inference import resolve_device
     from cgpn.viz import draw_ranked_lists
 
     model, cfg = _model_and_config(args)
-    dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
+    dataset = dataset_from_config(cfg.data)
     device = resolve_device(cfg.engine.device)
     t = test_features(model.to(device), dataset, cfg, device)
     distmat = ranking_distances(t, cfg)  # the lists drawn are the ones scored (re-ranked with --rerank)
@@ -170,9 +169,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_check_data(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from cgpn.data.check import check_images
-    from cgpn.data.datasets import build_dataset
+    from cgpn.data.datasets import dataset_from_config
 
-    dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
+    dataset = dataset_from_config(cfg.data)
     result = check_images(dataset, workers=max(1, cfg.data.workers), progress=not args.quiet)
     print(result.report())
     return 1 if result.num_bad else 0

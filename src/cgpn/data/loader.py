@@ -166,8 +166,10 @@ def build_train_loader(samples: Sequence[Sample], cfg: DataConfig, seed: int = 0
                       generator=torch.Generator().manual_seed(seed))
 
 
-def build_test_loader(samples: Sequence[Sample], cfg: DataConfig) -> DataLoader:
-    """Test images in order, without augmentation; a corrupt file is an error."""
-    return DataLoader(ImageDataset(samples, build_transforms(cfg, train=False), on_bad_image="stop"),
-                      batch_size=cfg.test_batch_size, shuffle=False, num_workers=cfg.workers,
+def build_test_loader(samples: Sequence[Sample] | Dataset, cfg: DataConfig) -> DataLoader:
+    """Test images in order, without augmentation; a corrupt file is an error. ``samples`` may also be a
+    ready dataset of the same items (e.g. occluded queries)."""
+    dataset = samples if isinstance(samples, Dataset) else ImageDataset(
+        samples, build_transforms(cfg, train=False), on_bad_image="stop")
+    return DataLoader(dataset, batch_size=cfg.test_batch_size, shuffle=False, num_workers=cfg.workers,
                       pin_memory=torch.cuda.is_available())

@@ -41,6 +41,7 @@ __all__ = [
     "restore_rng",
     "save_checkpoint",
     "state_nbytes",
+    "step_checkpoints",
 ]
 
 logger = logging.getLogger(__name__)
@@ -202,6 +203,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def step_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """``checkpoints/step_*.pt`` of a run folder by step, in step order."""
+    paths = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))  # zero-padded: name order = step order
+    return {int(p.stem.split("_", 1)[1]): p for p in paths}
+
+
 class Checkpointer:
     """Checkpoints of one run folder: ``checkpoints/step_*.pt`` (newest ``keep_last``), ``last.pt``, ``best.pt``.
 
@@ -223,7 +230,7 @@ class Checkpointer:
         _link_or_copy(path, self.last)
         if best:
             _link_or_copy(path, self.best)
-        for old in sorted(path.parent.glob("step_*.pt"))[: -self.keep_last]:
+        for old in list(step_checkpoints(self.run_dir).values())[: -self.keep_last]:
             old.unlink()
         return path
 
@@ -232,7 +239,7 @@ def find_resume_checkpoint(spec: str, run_dir: str | Path) -> Path | None:
     """``--resume`` target: a path, or ``auto`` = the newest checkpoint of ``run_dir`` (``None`` if none yet)."""
     if spec != "auto":
         return Path(spec)
-    steps = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))  # zero-padded: name order = step order
+    steps = list(step_checkpoints(run_dir).values())
     if steps:
         return steps[-1]
     last = Path(run_dir) / "last.pt"

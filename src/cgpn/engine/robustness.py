@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from cgpn.config import Config
 from cgpn.data.datasets.base import ReidDataset
@@ -30,8 +29,7 @@ def evaluate_occlusion(model: nn.Module, dataset: ReidDataset, cfg: Config, devi
     transform = build_transforms(cfg.data, train=False)
     results = {}
     for rate in sorted({0.0, *rates}):
-        loader = DataLoader(OccludedImages(dataset.query, transform, rate, seed=cfg.engine.seed),
-                            batch_size=cfg.data.test_batch_size, shuffle=False, num_workers=cfg.data.workers)
+        loader = build_test_loader(OccludedImages(dataset.query, transform, rate, seed=cfg.engine.seed), cfg.data)
         qf, q_pids, q_camids = extract_features(model, loader, device, flip=cfg.test.flip,
                                                 desc=f"query, occlusion {rate:g}")
         t = TestFeatures(qf, gf, q_pids, g_pids, q_camids, g_camids, pairwise_distance(qf, gf, cfg.test.distance))

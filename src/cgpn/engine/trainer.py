@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cgpn.config import Config, SolverConfig, save_config
-from cgpn.data.datasets import build_dataset
+from cgpn.data.datasets import dataset_from_config
 from cgpn.data.loader import build_train_loader
 from cgpn.engine.checkpoint import (
     Checkpointer,
@@ -44,6 +44,7 @@ from cgpn.engine.checkpoint import (
     rank_result_state,
     restore_rng,
     state_nbytes,
+    step_checkpoints,
 )
 from cgpn.engine.distributed import DistEnv, any_rank, gather_across_processes, init_distributed
 from cgpn.engine.evaluation import evaluate_model
@@ -297,14 +298,17 @@ def train(cfg: Config, resume: str | None = None, finetune: str | None = None) -
 def _check_no_other_run(out: Path, state: dict[str, Any] | None) -> None:
     """Refuse to mix two runs' checkpoints in one folder: pruning keeps the highest step numbers and
     ``--resume auto`` takes the highest, so an older run's files would replace this run's."""
-    steps = sorted((out / "checkpoints").glob("step_*.pt"))
-    if state is None and (steps or (out / "last.pt").is_file()):
-        raise ConfigError(f"output_dir '{out}' already holds a run ({steps[-1].name if steps else 'last.pt'}); "
-                          f"continue it with --resume auto, or start anew in another folder with "
-                          f"--set output_dir=DIR")
-    newer = [p.name for p in steps if state is not None and int(p.stem.split("_")[1]) > state.get("step", 0)]
+    steps = step_checkpoints(out)
+    if state is None:
+        if steps or (out / "last.pt").is_file():
+            raise ConfigError(f"output_dir '{out}' already holds a run "
+                              f"({steps[max(steps)].name if steps else 'last.pt'}); continue it with --resume auto, "
+                              f"or start anew in another folder with --set output_dir=DIR")
+        return
+    resumed = state.get("step", 0)
+    newer = [p.name for step, p in steps.items() if step > resumed]
     if newer:
-        raise ConfigError(f"'{out / 'checkpoints'}' holds checkpoints after the one resumed (step {state['step']}): "
+        raise ConfigError(f"'{out / 'checkpoints'}' holds checkpoints after the one resumed (step {resumed}): "
                           f"{', '.join(newer)}; move them out of the folder (or resume the newest with "
                           f"--resume auto)")
 
@@ -360,7 +364,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
             logger.info("resuming from %s (epoch %d, iteration %d)%s", ckpt_path, state["epoch"] + 1,
                         state.get("batch", 0), f"; settings changed since: {', '.join(changed)}" if changed else "")
 
-    dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data)
+    dataset = dataset_from_config(cfg.data)
     num_classes = dataset.num_train_pids
     model = build_model_from_config(cfg, num_classes, pretrained=False if (state or finetune) else None)
     if state is not None:

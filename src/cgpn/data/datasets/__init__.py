@@ -20,7 +20,8 @@ from cgpn.data.datasets.synthetic import SyntheticReid, generate_synthetic
 from cgpn.errors import ConfigError
 
 __all__ = ["CUHK03", "DATASETS", "MSMT17", "CombinedDataset", "DukeMTMC", "FolderDataset", "Market1501",
-           "MarketLayoutDataset", "ReidDataset", "Sample", "SyntheticReid", "build_dataset", "generate_synthetic"]
+           "MarketLayoutDataset", "ReidDataset", "Sample", "SyntheticReid", "build_dataset", "dataset_from_config",
+           "generate_synthetic"]
 
 # name -> reader built from (root, data settings)
 DATASETS: dict[str, Callable[[Path, DataConfig], ReidDataset]] = {
@@ -51,3 +52,8 @@ def build_dataset(name: str, root: str | Path, cfg: DataConfig | None = None) ->
                           f"e.g. market1501+dukemtmc)")
     parts = [DATASETS[n](Path(root).expanduser(), cfg) for n in names]
     return parts[0] if len(parts) == 1 else CombinedDataset(parts)
+
+
+def dataset_from_config(data: DataConfig) -> ReidDataset:
+    """The data set a config names, read with that config's reader options (what every command uses)."""
+    return build_dataset(data.dataset, data.root, data)
