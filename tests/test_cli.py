@@ -39,6 +39,7 @@ def _error_line(capsys, *argv: str) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len([line for line in err if "error:" in line]) == 1
+    assert not any("Traceback" in line for line in err), err
     return next(line for line in err if "error:" in line)
 
 
@@ -74,3 +75,16 @@ def test_unparseable_file_name(capsys, tiny_synth, tmp_path):
 def test_missing_checkpoint(capsys, tmp_path):
     line = _error_line(capsys, "eval", "--checkpoint", str(tmp_path / "none.pt"))
     assert "does not exist" in line
+
+
+def test_a_bad_image_read_in_a_loader_worker_is_one_line(capsys, tiny_synth, tmp_path):
+    """torch re-raises a worker's error with the worker's traceback in the message; the user sees one line."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_synth, root)
+    bad = sorted((root / "bounding_box_test").glob("*.jpg"))[3]
+    bad.write_bytes(b"\xff\xd8 truncated")
+    line = _error_line(capsys, "eval", "--config", "configs/demo.yaml", "--set", f"data.root={root}",
+                       "--set", "data.workers=2", "--set", "data.height=64", "--set", "data.width=32")
+    assert line.startswith("cgpn eval: error: cannot read image") and bad.name in line, line

@@ -129,6 +129,31 @@ def test_cache_keeps_each_variant_and_replaces_stale_graphs(checkpoint: Path, tm
     assert fresh != with_flip and fresh.is_file() and not with_flip.exists() and without.is_file()
 
 
+def test_a_checkpoint_replaced_while_loading_is_not_cached(checkpoint: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run saving last.pt while an extractor loads it: the graph of the weights loaded must not be filed
+    under the new file's state (later extractors would get the old weights)."""
+    import cgpn.extractor
+
+    ckpt = tmp_path / "last.pt"
+    shutil.copyfile(checkpoint, ckpt)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CGPN_CACHE_DIR", str(cache))
+    real_load = cgpn.extractor.load_model
+
+    def load_then_replaced(path):
+        loaded = real_load(path)
+        os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))  # the run saves
+        return loaded
+
+    monkeypatch.setattr(cgpn.extractor, "load_model", load_then_replaced)
+    extractor = FeatureExtractor(ckpt, device="cpu", backend="onnx")
+    assert not list(cache.rglob("*.onnx"))
+    eager = FeatureExtractor(checkpoint, device="cpu", backend="eager")
+    image = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    torch.testing.assert_close(extractor(image), eager(image), atol=1e-4, rtol=0)
+
+
 def test_progress_bar_on_request(eager: FeatureExtractor, images: list[Path], capsys: pytest.CaptureFixture,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(eager, "progress", True)
@@ -147,6 +172,11 @@ def test_user_errors(eager: FeatureExtractor, tmp_path: Path) -> None:
         extractor([bad])
     with pytest.raises(ImageError, match=r"\(H, W, 3\) uint8"):
         extractor(np.zeros((64, 32), np.uint8))
+    with pytest.raises(ImageError, match=r"values in \[0, 1\], got \[255, 255\]"):  # 8-bit values as floats
+        extractor(torch.full((3, 64, 32), 255.0))
+    normalised = extractor.preprocess(np.full((64, 32, 3), 7, np.uint8))
+    with pytest.raises(ImageError, match="pass unnormalised images"):
+        extractor(normalised)
     not_cgpn = tmp_path / "other.pt"
     torch.save({"state_dict": {}}, not_cgpn)
     with pytest.raises(CheckpointError, match="not a cgpn checkpoint"):

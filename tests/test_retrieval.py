@@ -183,3 +183,47 @@ def test_cli_errors_of_index_and_search(tiny_synth: Path, checkpoint: Path, cach
 
     line = error_line(cli(capsys, "search", "--index", str(tmp_path / "missing.faiss"), "--query", paths[0]))
     assert "missing.faiss" in line and "does not exist" in line
+
+
+def test_index_settings_out_of_range_are_refused(tmp_path: Path) -> None:
+    data = FeatureFile([f"{i}.jpg" for i in range(300)], _unit(300, 16, 8))
+    with pytest.raises(ConfigError, match="--nprobe must be at least 1, got 0"):
+        GalleryIndex.build(data, IndexSettings(kind="ivf", nlist=4, nprobe=0))
+    with pytest.raises(ConfigError, match="--pq-bits must be between 1 and 16, got 0"):
+        GalleryIndex.build(data, IndexSettings(kind="ivfpq", nlist=4, pq_m=4, pq_bits=0))
+
+
+def test_an_index_and_a_sidecar_of_different_builds_are_refused(tmp_path: Path) -> None:
+    """A kill between the two renames of save() would pair a new index with the old sidecar."""
+    GalleryIndex.build(FeatureFile(["a", "b", "c"], _unit(3, 8, 9))).save(tmp_path / "old.faiss")
+    GalleryIndex.build(FeatureFile(["a", "b"], _unit(2, 8, 10))).save(tmp_path / "new.faiss")
+    shutil.copy(tmp_path / "old.faiss", tmp_path / "new.faiss")  # the index of another build
+    with pytest.raises(IndexFileError, match="is not the file its sidecar describes"):
+        GalleryIndex.load(tmp_path / "new.faiss")
+
+
+def test_feature_files_are_told_apart_by_content(tmp_path: Path) -> None:
+    data = FeatureFile(["a.jpg", "b.jpg"], _unit(2, 4, 11), np.array([1, 2]), np.array([0, 1]))
+    npz_named_parquet = save_features(data, tmp_path / "f.parquet", "npz")
+    assert load_features(npz_named_parquet).paths == ["a.jpg", "b.jpg"]
+    np.save(tmp_path / "x.npy", np.zeros((2, 4)))
+    with pytest.raises(IndexFileError, match="is not a features file"):
+        load_features(tmp_path / "x.npy")
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(IndexFileError, match="not a cgpn features file"):
+        load_features(tmp_path / "other.npz")
+    with pytest.raises(IndexFileError, match="pids and camids come together"):
+        FeatureFile(["a.jpg"], _unit(1, 4, 12), pids=np.array([1]))
+    with pytest.raises(IndexFileError, match=r"one value per path \(2\)"):
+        FeatureFile(["a.jpg", "b.jpg"], _unit(2, 4, 12), np.array([1]), np.array([0]))
+
+
+def test_cli_search_checks_its_arguments_first(checkpoint: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    GalleryIndex.build(FeatureFile(["a", "b"], _unit(2, 3072, 13), checkpoint=str(checkpoint))).save(
+        tmp_path / "g.faiss")
+    line = error_line(cli(capsys, "search", "--index", str(tmp_path / "g.faiss"), "--query", str(tmp_path / "no.jpg")))
+    assert "query" in line and "no.jpg" in line and "does not exist" in line
+    line = error_line(cli(capsys, "search", "--index", str(tmp_path / "g.faiss"), "--query", str(tmp_path),
+                          "--topk", "0"))
+    assert "--topk must be at least 1, got 0" in line

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from cgpn.data.datasets import build_dataset
 from cgpn.viz import BLUE, GREEN, RED, draw_ranked_lists
-from serve_helpers import cli, make_checkpoint
+from serve_helpers import cli, error_line, make_checkpoint
 
 
 def count_frames(png: Path, colour: tuple[int, int, int], size: tuple[int, int] = (64, 128)) -> int:
@@ -57,3 +57,16 @@ def test_show_command_draws_the_requested_queries(tiny_synth: Path, tmp_path: Pa
     assert count_frames(out, BLUE) == 3
     assert count_frames(out, GREEN) + count_frames(out, RED) == 3 * 4
     assert count_frames(out, RED) >= 1  # the worst queries of an untrained network miss somewhere
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--topk", "0"), "--topk must be at least 1, got 0"),
+    (("--num-queries", "-1"), "--num-queries must be at least 1, got -1"),
+    (("--out", "ranks"), "--out must name a picture file ending in .png, .jpg, .jpeg, got 'ranks'"),
+])
+def test_show_arguments_are_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    args: tuple[str, ...], needle: str) -> None:
+    ckpt = make_checkpoint(tmp_path / "tiny.pt")
+    argv = ["show", "--checkpoint", str(ckpt), "--set", f"data.root={tmp_path / 'no_data'}",
+            "--out", str(tmp_path / "r.png"), *args]
+    assert needle in error_line(cli(capsys, *argv))  # the data root is wrong too: these come first

@@ -8,14 +8,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from cgpn.config import Config, apply_overrides, load_config
-from cgpn.errors import CgpnError, ConfigError
+from cgpn.errors import CgpnError, ConfigError, DatasetError
 
 __all__ = ["main"]
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what cgpn show can write
 
 logger = logging.getLogger("cgpn")
 
@@ -87,8 +91,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     if args.checkpoint and args.config:
         raise ConfigError("--config applies to an untrained network only; a checkpoint brings its own config "
                           "(change it with --set KEY=VALUE, --dataset, --data-root)")
@@ -114,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     results = evaluate_occlusion(model.to(device), dataset, cfg, device, rates)
     print(f"clean queries: {results[0.0].summary()}")
-    print(f"query images occluded (rectangle over the body, or top/bottom cut), seed {cfg.engine.seed}:")
+    print(f"query images occluded (a rectangle anywhere in the box, or a top/bottom cut), seed {cfg.engine.seed}:")
     print(occlusion_table(results))
     plot = Path(args.plot) if args.plot else (Path(args.checkpoint).parent if args.checkpoint
                                              else Path(cfg.output_dir)) / "occlusion.png"
@@ -124,6 +126,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _pick_queries(spec: str, result, query, n: int, seed: int) -> list[int]:
     valid = np.flatnonzero(result.first_match >= 0)
+    if not len(valid):
+        raise DatasetError("no query has a true match in the gallery (same identity, another camera): "
+                           "nothing to draw")
     if spec == "random":
         return sorted(np.random.default_rng(seed).choice(valid, size=min(n, len(valid)), replace=False).tolist())
     if spec in ("worst", "best"):
@@ -143,10 +148,15 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.curves:
         from cgpn.engine.events import draw_curves
 
+        _check_picture(args.out)
         print(f"training curves of {args.curves}: {draw_curves(args.curves, args.out)}")
         return 0
     if not args.checkpoint:
         raise ConfigError("cgpn show needs --checkpoint FILE (ranked lists) or --curves RUN_DIR (training curves)")
+    _check_picture(args.out)
+    for flag, value in (("--topk", args.topk), ("--num-queries", args.num_queries)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     from cgpn.data.datasets import dataset_from_config
     from cgpn.engine.evaluation import rank_test_features, ranking_distances, test_features
     from cgpn.engine.inference import resolve_device
@@ -164,6 +174,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(result.summary())
     print(f"ranked lists of {len(rows)} queries (top {args.topk}; green = same identity, red = other): {out}")
     return 0
+
+
+def _check_picture(out: str) -> None:
+    """A ConfigError, before any work, unless ``out`` names a picture file cgpn can write."""
+    if Path(out).suffix.lower() not in PICTURE_SUFFIXES:
+        raise ConfigError(f"--out must name a picture file ending in {', '.join(PICTURE_SUFFIXES)}, got '{out}'")
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
@@ -185,8 +201,6 @@ def _extractor(args: argparse.Namespace, checkpoint: str):
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from cgpn.extractor import list_images
     from cgpn.retrieval.features import FeatureFile, parse_market_names, save_features
 
@@ -224,17 +238,23 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from cgpn.extractor import list_images
     from cgpn.retrieval import GalleryIndex
 
+    if args.topk < 1:
+        raise ConfigError(f"--topk must be at least 1, got {args.topk}")
+    query = Path(args.query)
+    if not query.exists():
+        raise DatasetError(f"query '{query}' does not exist (expected an image file or a folder of images)")
     index = GalleryIndex.load(args.index)
+    if args.checkpoint and index.checkpoint and Path(args.checkpoint).resolve() != Path(index.checkpoint).resolve():
+        logger.warning("the index holds features of %s; embedding the queries with %s instead: the scores mean "
+                       "something only if both networks are the same", index.checkpoint, args.checkpoint)
     checkpoint = args.checkpoint or index.checkpoint
     if not checkpoint:
         raise ConfigError(f"index '{args.index}' does not name the checkpoint its features came from; "
                           f"pass --checkpoint C (the one given to cgpn extract)")
-    query = Path(args.query)
     paths = [str(p) for p in list_images(query)] if query.is_dir() else [str(query)]
     if args.gpu and not index.to_gpu():
         logger.warning("--gpu: this faiss build has no GPU support or sees no GPU; searching on the CPU")
@@ -410,6 +430,17 @@ def _add_extractor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-flip", action="store_true", help="skip averaging with the mirrored image")
 
 
+def error_line(err: BaseException) -> str:
+    """The one-line message of ``err``, also when a DataLoader worker raised it: torch re-raises those with
+    the worker's traceback in the message, and only its last line is the error."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        match = re.match(r"^[\w.]+: (.*)$", last)
+        text = match.group(1) if match else last
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # cgpn's own messages at INFO; other libraries' (faiss, onnx...) only from WARNING up
@@ -420,8 +451,14 @@ def main(argv: list[str] | None = None) -> int:
     except CgpnError as err:
         if args.debug:
             raise
-        print(f"cgpn {args.verb}: error: {err}", file=sys.stderr)
+        print(f"cgpn {args.verb}: error: {error_line(err)}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # an output path that is a folder, unwritable, on a full disk...
+        if args.debug:
+            raise
+        where = f": '{err.filename}'" if err.filename else ""
+        print(f"cgpn {args.verb}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"cgpn {args.verb}: interrupted", file=sys.stderr)
         return 130

@@ -176,6 +176,7 @@ class Config:
 
 EXTRACTOR_BACKENDS = ("auto", "eager", "channels_last", "bf16", "compile", "onnx")  # FeatureExtractor(backend=)
 ONNX_OPSET = 17  # ONNX opset of exported graphs (onnxruntime >= 1.14 runs it)
+ONNX_OPSETS = range(10, 21)  # opsets the export accepts: flip needs 10; torch's TorchScript exporter stops at 20
 INDEX_KINDS = ("flat", "ivf", "ivfpq")
 
 

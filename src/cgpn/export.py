@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cgpn.config import ONNX_OPSET, Config
+from cgpn.config import ONNX_OPSET, ONNX_OPSETS, Config
 from cgpn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cgpn.engine.inference import Embedder
-from cgpn.errors import DependencyError
+from cgpn.errors import ConfigError, DependencyError
+from cgpn.files import atomic_path
 
 __all__ = ["TOLERANCE", "OnnxCheck", "check_onnx", "export_onnx", "import_onnxruntime",
            "onnx_session", "write_metadata"]
@@ -60,31 +61,45 @@ def export_onnx(model: nn.Module, out: str | Path | io.BytesIO, height: int, wid
         flip, normalize: average with the mirrored image; L2-normalise the result.
         opset: ONNX opset version.
     """
+    if opset not in ONNX_OPSETS:
+        raise ConfigError(f"--opset must be between {ONNX_OPSETS.start} and {ONNX_OPSETS.stop - 1}, got {opset}")
     was_training, device = model.training, next(model.parameters()).device
     embedder = Embedder(model.eval(), flip=flip, normalize=normalize).cpu()
-    example = torch.randn(2, 3, height, width)
-    if isinstance(out, (str, Path)):
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # The legacy exporter warns that it is legacy, and that the stripe rows (Python ints computed
-        # from the fixed height) become constants, which is what we want: only the batch is dynamic.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(embedder, (example,), out, dynamo=False, opset_version=opset,
-                          input_names=["images"], output_names=["features"],
-                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-                          do_constant_folding=True)
-    model.train(was_training).to(device)  # the caller's model as it was
+
+    def trace(target: str | io.BytesIO) -> None:
+        with warnings.catch_warnings():
+            # The legacy exporter warns that it is legacy, and that the stripe rows (Python numbers
+            # computed from the fixed height) become constants, which is what we want: only the batch is
+            # dynamic. Any other warning is shown.
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message="Converting a tensor to a Python",
+                                    category=torch.jit.TracerWarning)
+            torch.onnx.export(embedder, (torch.randn(2, 3, height, width),), target, dynamo=False,
+                              opset_version=opset, input_names=["images"], output_names=["features"],
+                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+                              do_constant_folding=True)
+
+    try:
+        if isinstance(out, io.BytesIO):
+            trace(out)
+        else:
+            with atomic_path(out) as tmp:  # a kill mid-export leaves no torn file
+                trace(str(tmp))
+    finally:
+        model.train(was_training).to(device)  # the caller's model as it was
     return out
 
 
-def onnx_session(model_file: str | Path | bytes, threads: int = 0):
-    """An onnxruntime CPU (or CUDA, when available) session with every graph optimisation on."""
+def onnx_session(model_file: str | Path | bytes, threads: int = 0, device: str | torch.device = "cpu"):
+    """An onnxruntime session with every graph optimisation on, on the CPU, or on CUDA for a CUDA ``device``
+    when this onnxruntime build has it."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads > 0:
         options.intra_op_num_threads = threads
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider") if torch.device(device).type == "cuda" else ()
+    providers = [p for p in wanted if p in ort.get_available_providers()] or ["CPUExecutionProvider"]
     return ort.InferenceSession(model_file if isinstance(model_file, bytes) else str(model_file), options,
                                 providers=providers)
 
@@ -103,7 +118,8 @@ def write_metadata(model_file: str | Path, cfg: Config, flip: bool = True) -> No
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(proto, str(model_file))
+    with atomic_path(model_file) as tmp:
+        onnx.save(proto, str(tmp))
 
 
 @dataclass
@@ -128,12 +144,17 @@ class OnnxCheck:
 @torch.inference_mode()
 def check_onnx(model_file: str | Path | bytes, model: nn.Module, height: int, width: int, batch_size: int = 4,
                flip: bool = True, normalize: bool = True, seed: int = 0) -> OnnxCheck:
-    """Run a random (batch_size, 3, height, width) batch through the ONNX file and through PyTorch."""
+    """Run a random (batch_size, 3, height, width) batch through the ONNX file (onnxruntime on the CPU)
+    and through PyTorch."""
+    if batch_size < 1:
+        raise ConfigError(f"--check-batch must be at least 1, got {batch_size}")
     session = onnx_session(model_file)
     images = torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(seed))
     was_training, device = model.training, next(model.parameters()).device
-    expected = Embedder(model.eval(), flip=flip, normalize=normalize)(images.to(device)).float().cpu().numpy()
-    model.train(was_training)
+    try:
+        expected = Embedder(model.eval(), flip=flip, normalize=normalize)(images.to(device)).float().cpu().numpy()
+    finally:
+        model.train(was_training)
     got = session.run(["features"], {"images": images.numpy()})[0]
     if got.shape != expected.shape:
         return OnnxCheck(batch_size, float("inf"), float("nan"))

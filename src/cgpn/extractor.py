@@ -21,7 +21,6 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -31,7 +30,8 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from cgpn.config import EXTRACTOR_BACKENDS, ONNX_OPSET, Config, DataConfig
+from cgpn import __version__
+from cgpn.config import EXTRACTOR_BACKENDS, ONNX_OPSET, Config
 from cgpn.data.datasets.base import IMAGE_SUFFIXES
 from cgpn.data.loader import read_image
 from cgpn.data.transforms import build_transforms
@@ -49,6 +49,12 @@ ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
 def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _file_state(path: Path) -> str:
+    """Size and modification time of a file: what changes when a run saves a new checkpoint over it."""
+    stat = path.stat()
+    return f"{stat.st_size}|{stat.st_mtime_ns}"
 
 
 def cache_dir() -> Path:
@@ -85,6 +91,10 @@ def to_pil(item: ImageInput) -> Image.Image:
         if item.ndim != 3 or item.shape[0] != 3:
             raise ImageError(f"an image tensor must be (3, H, W), got shape {tuple(item.shape)}")
         if item.dtype.is_floating_point:
+            low, high = float(item.min()), float(item.max())
+            if low < -1e-3 or high > 1 + 1e-3:  # 0-255 values, or an already normalised tensor
+                raise ImageError(f"a float image tensor must hold values in [0, 1], got [{low:.3g}, {high:.3g}] "
+                                 f"(divide 8-bit values by 255; pass unnormalised images)")
             item = (item.detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
         elif item.dtype != torch.uint8:
             raise ImageError(f"an image tensor must be uint8 or float in [0, 1], got {item.dtype}")
@@ -139,6 +149,8 @@ class FeatureExtractor:
             model, cfg = copy.deepcopy(checkpoint_or_model), config or Config()
         else:
             self.checkpoint = Path(checkpoint_or_model)
+            # read before loading, so that a file replaced while it loads (a run saving) is noticed
+            self._file_state = _file_state(self.checkpoint) if self.checkpoint.is_file() else ""
             model, cfg = load_model(self.checkpoint)
         self.config: Config = cfg
         self.device = resolve_device(device)
@@ -152,10 +164,6 @@ class FeatureExtractor:
                                self._run(torch.zeros(1, 3, cfg.data.height, cfg.data.width)).shape[1])
         logger.info("feature extractor: %s on %s, %d-d features, %dx%d input%s", self.backend, self.device,
                     self.feature_dim, cfg.data.height, cfg.data.width, ", flip-averaged" if flip else "")
-
-    @property
-    def data_config(self) -> DataConfig:
-        return self.config.data
 
     def _resolve_backend(self, backend: str) -> str:
         if backend != "auto":
@@ -173,7 +181,7 @@ class FeatureExtractor:
     def _build_runner(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """A function (B, 3, H, W) normalised images -> (B, D) L2-normalised features on the CPU."""
         if self.backend == "onnx":
-            session = onnx_session(self._onnx_graph())
+            session = onnx_session(self._onnx_graph(), device=self.device)
             return lambda x: torch.from_numpy(session.run(["features"], {"images": x.numpy()})[0])
         embedder = Embedder(self.model, flip=self.flip).to(self.device).eval()
         memory_format = torch.channels_last if self.backend in ("channels_last", "bf16") else torch.preserve_format
@@ -194,39 +202,33 @@ class FeatureExtractor:
         """The exported graph: a cached file for a checkpoint, bytes in memory for a network passed in."""
         h, w = self.config.data.height, self.config.data.width
         if self.checkpoint is None:
-            buffer = io.BytesIO()
-            export_onnx(self.model, buffer, h, w, flip=self.flip)
-            return buffer.getvalue()
-        stat = self.checkpoint.stat()
-        where = str(self.checkpoint.resolve())
+            return self._onnx_bytes()
+        if _file_state(self.checkpoint) != self._file_state:  # replaced since it was loaded (a run saving)
+            logger.info("%s changed after it was loaded; exporting in memory, not caching", self.checkpoint)
+            return self._onnx_bytes()
         # <variant>-<file state>.onnx: graphs of other variants (size, flip) of the same checkpoint stay; a
         # variant's graph of an earlier state of the checkpoint file is replaced
-        variant = _short_hash(f"{h}x{w}|flip={self.flip}|opset={ONNX_OPSET}|{torch.__version__}")
-        folder = cache_dir() / "onnx" / _short_hash(where)
-        target = folder / f"{variant}-{_short_hash(f'{stat.st_size}|{stat.st_mtime_ns}')}.onnx"
+        variant = _short_hash(f"{h}x{w}|flip={self.flip}|opset={ONNX_OPSET}|{torch.__version__}|{__version__}")
+        folder = cache_dir() / "onnx" / _short_hash(str(self.checkpoint.resolve()))
+        target = folder / f"{variant}-{_short_hash(self._file_state)}.onnx"
         if target.is_file():
             return target
         logger.info("exporting %s to ONNX for onnxruntime (once per checkpoint; cached in %s)", self.checkpoint,
                     folder)
-        tmp = None
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")  # written whole, then renamed: no torn files
-            os.close(fd)
-            export_onnx(self.model, tmp, h, w, flip=self.flip)
-            os.replace(tmp, target)
-            for old in folder.glob(f"{variant}-*.onnx"):  # this variant for earlier states of the file
-                if old != target:
-                    old.unlink(missing_ok=True)
+            export_onnx(self.model, target, h, w, flip=self.flip)  # written whole, then renamed: no torn files
         except OSError as err:
             logger.warning("cannot cache the ONNX graph in %s (%s); exporting in memory", folder, err)
-            buffer = io.BytesIO()
-            export_onnx(self.model, buffer, h, w, flip=self.flip)
-            return buffer.getvalue()
-        finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
+            return self._onnx_bytes()
+        for old in folder.glob(f"{variant}-*.onnx"):  # this variant for earlier states of the file
+            if old != target:
+                old.unlink(missing_ok=True)
         return target
+
+    def _onnx_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        export_onnx(self.model, buffer, self.config.data.height, self.config.data.width, flip=self.flip)
+        return buffer.getvalue()
 
     def preprocess(self, item: ImageInput) -> torch.Tensor:
         """One image -> the normalised (3, height, width) tensor the network takes."""
@@ -234,7 +236,7 @@ class FeatureExtractor:
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Features (B, D) of a preprocessed batch (B, 3, height, width), L2-normalised, on the CPU."""
-        return self._run(images.float().cpu() if self.backend == "onnx" else images)
+        return self._run(images.float().cpu() if self.backend == "onnx" else images.float())
 
     def __call__(self, inputs: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """Features (N, D) of one image or a list of images (paths, PIL, arrays, tensors; see ``to_pil``)."""

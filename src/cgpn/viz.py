@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cgpn.data.datasets.base import Sample
 from cgpn.data.loader import read_image
+from cgpn.files import atomic_path
 
 __all__ = ["BLUE", "GREEN", "RED", "draw_ranked_lists", "plot_occlusion", "ranked_gallery"]
 
@@ -88,8 +89,8 @@ def draw_ranked_lists(distmat: np.ndarray, query: Sequence[Sample], gallery: Seq
             lines = [f"{col + 1}: {float(distmat[qi][gi]):.2f}", f"id {g.pid}"]
             canvas.paste(_tile(g, tile_size, frame, lines, small), (w + GAP + col * (w + 4), y))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
+    with atomic_path(out) as tmp:
+        canvas.save(tmp)
     return out
 
 
@@ -117,6 +118,6 @@ def plot_occlusion(results: Mapping[float, object], out: str | Path, title: str 
     ax.set_title(title or "Rank-1 / mAP under synthetic occlusion", fontsize=9)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp)
     return out

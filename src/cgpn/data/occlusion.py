@@ -1,7 +1,7 @@
 """Synthetic occlusion of test images, to check the paper's claim (Section 1, Fig. 1) on any model and data.
 
 At rate r, a fraction r of each image is hidden, in one of the two ways the paper names: an occluder
-(a rectangle of r x the image area, of random shape and colour, anywhere over the body; half of the
+(a rectangle of r x the image area, of random shape and colour, anywhere in the person's box; half of the
 images), or a truncated box (the top or the bottom r of the rows cut off and the rest stretched back
 to full height, as a detector box that misses part of the person; a quarter each). The choice and
 the geometry depend only on (seed, rate, image index), so every run and every model sees the same
@@ -60,7 +60,7 @@ def occlude(image: Image.Image, rate: float, rng: np.random.Generator, kind: str
         patch = colour + rng.normal(0, 12, size=(rh, rw, 3))
         pixels[y0:y0 + rh, x0:x0 + rw] = patch.clip(0, 255).astype(np.uint8)
         return Image.fromarray(pixels)
-    cut = max(1, round(rate * h))
+    cut = min(h - 1, max(1, round(rate * h)))  # at least one row is left to stretch
     box = (0, cut, w, h) if kind == "top" else (0, 0, w, h - cut)
     return image.crop(box).resize((w, h), Image.BILINEAR)
 

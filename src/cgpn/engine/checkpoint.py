@@ -24,6 +24,7 @@ import torch
 
 from cgpn.config import Config
 from cgpn.errors import CheckpointError, ConfigError
+from cgpn.files import atomic_path
 from cgpn.metrics.rank import RankResult
 from cgpn.model import CGPN, build_model
 
@@ -51,18 +52,8 @@ FORMAT = "cgpn-checkpoint-v1"
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from cgpn.errors import ConfigError
+from cgpn.files import atomic_path
 
 __all__ = ["MetricsWriter", "draw_curves", "read_metrics"]
 
@@ -114,6 +115,6 @@ def draw_curves(run_dir: str | Path, out: str | Path) -> Path:
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     return out

@@ -16,7 +16,7 @@ from cgpn.data.occlusion import OccludedImages
 from cgpn.data.transforms import build_transforms
 from cgpn.engine.evaluation import TestFeatures, rank_test_features
 from cgpn.engine.inference import extract_features
-from cgpn.metrics.rank import RankResult, pairwise_distance
+from cgpn.metrics.rank import RankResult
 
 __all__ = ["evaluate_occlusion", "occlusion_table"]
 
@@ -32,7 +32,7 @@ def evaluate_occlusion(model: nn.Module, dataset: ReidDataset, cfg: Config, devi
         loader = build_test_loader(OccludedImages(dataset.query, transform, rate, seed=cfg.engine.seed), cfg.data)
         qf, q_pids, q_camids = extract_features(model, loader, device, flip=cfg.test.flip,
                                                 desc=f"query, occlusion {rate:g}")
-        t = TestFeatures(qf, gf, q_pids, g_pids, q_camids, g_camids, pairwise_distance(qf, gf, cfg.test.distance))
+        t = TestFeatures(qf, gf, q_pids, g_pids, q_camids, g_camids)
         results[rate] = rank_test_features(t, cfg)  # re-ranked / Market AP when cfg.test says so
     return results
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cgpn.errors import ConfigError, DependencyError, IndexFileError
+from cgpn.files import atomic_path
 
 __all__ = ["FORMATS", "FeatureFile", "import_pyarrow", "load_features", "parse_market_names", "save_features"]
 
@@ -39,6 +40,13 @@ class FeatureFile:
         if self.features.ndim != 2 or len(self.features) != len(self.paths):
             raise IndexFileError(f"features must be (N, D) with one row per path, got shape {self.features.shape} "
                                  f"for {len(self.paths)} paths")
+        if (self.pids is None) != (self.camids is None):
+            raise IndexFileError("pids and camids come together: give both or neither")
+        if self.pids is not None:
+            self.pids, self.camids = (np.asarray(a, dtype=np.int64) for a in (self.pids, self.camids))
+            if self.pids.shape != (len(self.paths),) or self.camids.shape != (len(self.paths),):
+                raise IndexFileError(f"pids and camids must hold one value per path ({len(self.paths)}), got "
+                                     f"shapes {self.pids.shape} and {self.camids.shape}")
 
     @property
     def dim(self) -> int:
@@ -70,10 +78,9 @@ def save_features(data: FeatureFile, out: str | Path, fmt: str = "npz") -> Path:
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "npz":
         extra = {} if data.pids is None else {"pids": data.pids, "camids": data.camids}
-        with out.open("wb") as f:  # a file object: np.savez would otherwise append .npz to the name
+        with atomic_path(out) as tmp, tmp.open("wb") as f:  # a file object: np.savez would append .npz
             np.savez(f, format=np.array(FORMAT), paths=np.array(data.paths, dtype=str), features=data.features,
                      checkpoint=np.array(data.checkpoint), **extra)
         return out
@@ -83,22 +90,40 @@ def save_features(data: FeatureFile, out: str | Path, fmt: str = "npz") -> Path:
         columns["pid"], columns["camid"] = pa.array(data.pids, pa.int64()), pa.array(data.camids, pa.int64())
     columns["feature"] = pa.FixedSizeListArray.from_arrays(pa.array(data.features.ravel(), pa.float32()), data.dim)
     table = pa.table(columns).replace_schema_metadata({"format": FORMAT, "checkpoint": data.checkpoint})
-    pa.parquet.write_table(table, out)
+    with atomic_path(out) as tmp:
+        pa.parquet.write_table(table, tmp)
     return out
 
 
 def load_features(path: str | Path) -> FeatureFile:
-    """Read a feature file written by ``save_features`` (format chosen by the suffix, .npz or .parquet)."""
+    """Read a feature file written by ``save_features``, .npz or .parquet (told apart by content, not name)."""
     path = Path(path)
     if not path.is_file():
         raise IndexFileError(f"features file '{path}' does not exist (write one with: cgpn extract --checkpoint C "
                              f"--images DIR --out feats.npz)")
-    if path.suffix == ".parquet":
-        pa = import_pyarrow()
-        try:
-            table = pa.parquet.read_table(path)
-        except Exception as err:  # arrow raises several kinds
-            raise IndexFileError(f"cannot read features file '{path}': {str(err).splitlines()[0]}") from None
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic == b"PAR1":
+        return _load_parquet(path)
+    if magic != b"PK\x03\x04":  # a .npz is a zip archive
+        raise IndexFileError(f"'{path}' is not a features file (expected a .npz or .parquet written by "
+                             f"cgpn extract)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "format" not in z or str(z["format"]) != FORMAT:
+                raise IndexFileError(f"'{path}' is not a cgpn features file (no '{FORMAT}' marker); "
+                                     f"write one with cgpn extract --out feats.npz")
+            return FeatureFile([str(p) for p in z["paths"]], z["features"], z.get("pids"),
+                               z.get("camids"), str(z["checkpoint"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise IndexFileError(f"cannot read features file '{path}': {str(err).splitlines()[0]} "
+                             f"(expected a .npz written by cgpn extract)") from None
+
+
+def _load_parquet(path: Path) -> FeatureFile:
+    pa = import_pyarrow()
+    try:
+        table = pa.parquet.read_table(path)
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         if meta.get("format") != FORMAT:
             raise IndexFileError(f"'{path}' is not a cgpn features file (no '{FORMAT}' marker); "
@@ -109,13 +134,8 @@ def load_features(path: str | Path) -> FeatureFile:
         return FeatureFile(table.column("path").to_pylist(), feats.reshape(n, -1 if n else 0),
                            np.asarray(table.column("pid")) if has_ids else None,
                            np.asarray(table.column("camid")) if has_ids else None, meta.get("checkpoint", ""))
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "format" not in z or str(z["format"]) != FORMAT:
-                raise IndexFileError(f"'{path}' is not a cgpn features file (no '{FORMAT}' marker); "
-                                     f"write one with cgpn extract --out feats.npz")
-            return FeatureFile([str(p) for p in z["paths"]], z["features"], z.get("pids"),
-                               z.get("camids"), str(z["checkpoint"]))
-    except (OSError, ValueError, KeyError) as err:
+    except IndexFileError:
+        raise
+    except Exception as err:  # arrow raises several kinds; a missing column is a KeyError
         raise IndexFileError(f"cannot read features file '{path}': {str(err).splitlines()[0]} "
-                             f"(expected a .npz written by cgpn extract)") from None
+                             f"(expected a .parquet written by cgpn extract)") from None

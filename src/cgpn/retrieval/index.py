@@ -1,7 +1,7 @@
 """A searchable gallery: FAISS inner-product index over L2-normalised features, so scores are cosines.
 
 ``flat`` is exact (what a brute-force ``gallery @ query`` gives); ``ivf`` (inverted lists) and ``ivfpq``
-(inverted lists + product quantisation, 1 byte per ``pq_m`` sub-vector) are approximate and scale to
+(inverted lists + product quantisation, ``pq_m`` codes of ``pq_bits`` bits per feature) are approximate and scale to
 galleries of millions. The index file (``gallery.faiss``) has a JSON sidecar (``gallery.faiss.json``)
 with the image paths, pids / camids when known, the feature size and the checkpoint that made them.
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from cgpn.config import INDEX_KINDS, IndexSettings
 from cgpn.errors import ConfigError, DependencyError, IndexFileError
+from cgpn.files import atomic_path
 from cgpn.retrieval.features import FeatureFile
 
 __all__ = ["INDEX_KINDS", "GalleryIndex", "IndexSettings", "import_faiss", "sidecar_path"]
@@ -62,6 +63,8 @@ class GalleryIndex:
         self.index, self.paths, self.pids, self.camids = index, paths, pids, camids
         self.checkpoint, self.settings = checkpoint, settings
         if settings.kind != "flat":  # on the CPU index, before any to_gpu (GPU clones copy it)
+            if settings.nprobe < 1:
+                raise ConfigError(f"--nprobe must be at least 1, got {settings.nprobe}")
             import_faiss().extract_index_ivf(index).nprobe = settings.nprobe
 
     @property
@@ -87,6 +90,8 @@ class GalleryIndex:
                                   f"got {s.nlist}; e.g. --nlist {max(1, int(np.sqrt(n)))}")
             spec = f"IVF{s.nlist},Flat"
             if s.kind == "ivfpq":
+                if not 1 <= s.pq_bits <= 16:
+                    raise ConfigError(f"--pq-bits must be between 1 and 16, got {s.pq_bits} (8 is usual)")
                 if s.pq_m < 1 or d % s.pq_m:
                     raise ConfigError(f"--pq-m must divide the feature size {d}, got {s.pq_m} (e.g. --pq-m 64)")
                 if n < 2 ** s.pq_bits:
@@ -104,16 +109,22 @@ class GalleryIndex:
         return cls(index, list(data.paths), data.pids, data.camids, data.checkpoint, s)
 
     def save(self, path: str | Path) -> Path:
-        """Write the index to ``path`` and its sidecar (paths, ids, settings) to ``path.json``."""
+        """Write the index to ``path`` and its sidecar (paths, ids, settings, index size) to ``path.json``.
+
+        Both are written in full under temporary names first and renamed one right after the other, so a
+        kill leaves the old pair or the new one; the sidecar records the index file's size, checked by
+        ``load``.
+        """
         faiss = import_faiss()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(path))
-        meta = {"format": FORMAT, "dim": self.dim, "count": len(self), "checkpoint": self.checkpoint,
-                "metric": "inner_product", "settings": asdict(self.settings), "paths": self.paths,
-                "pids": None if self.pids is None else self.pids.tolist(),
-                "camids": None if self.camids is None else self.camids.tolist()}
-        sidecar_path(path).write_text(json.dumps(meta))
+        with atomic_path(path) as tmp_index, atomic_path(sidecar_path(path)) as tmp_side:
+            faiss.write_index(self.index, str(tmp_index))
+            meta = {"format": FORMAT, "dim": self.dim, "count": len(self), "checkpoint": self.checkpoint,
+                    "metric": "inner_product", "settings": asdict(self.settings), "paths": self.paths,
+                    "pids": None if self.pids is None else self.pids.tolist(),
+                    "camids": None if self.camids is None else self.camids.tolist(),
+                    "index_bytes": tmp_index.stat().st_size}
+            tmp_side.write_text(json.dumps(meta))
         return path
 
     @classmethod
@@ -131,6 +142,9 @@ class GalleryIndex:
             raise IndexFileError(f"cannot read index sidecar '{side}': {err}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise IndexFileError(f"'{side}' is not a cgpn index sidecar (no '{FORMAT}' marker)")
+        if meta.get("index_bytes", path.stat().st_size) != path.stat().st_size:
+            raise IndexFileError(f"index '{path}' ({path.stat().st_size} bytes) is not the file its sidecar "
+                                 f"describes ({meta['index_bytes']} bytes); rebuild it with cgpn index build")
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as err:
