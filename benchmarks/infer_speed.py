@@ -4,10 +4,14 @@ For every path (eager fp32, channels_last, bf16 autocast, torch.compile, ONNX Ru
 setup time (export / compile), images/s on a batch of real images (flip-averaged, as the extractor
 runs), the ratio to eager fp32, the smallest feature cosine to eager fp32, and, with --rank, Rank-1
 and mAP on the CUHK03-NP mini set (query against gallery). A path is *safe* when cosine >= 0.999 and
-Rank-1 equals eager's. The goal of issue 7 is >= 3x eager fp32 on the CPU.
+Rank-1 equals eager's. The goal of issue 7 is >= 3x eager fp32 on the CPU. It also prints the network's
+work per image and this CPU's fp32 matrix-multiply rate: an exact fp32 path cannot run the work faster
+than that, which bounds what any fp32 backend can gain over eager. ``--int8`` adds the figure of an int8
+graph (ONNX Runtime static quantisation), as a measurement.
 
     python benchmarks/infer_speed.py --device cpu                       # CGPN-R50 at 384 x 128
     python benchmarks/infer_speed.py --device cpu --rank --checkpoint runs/x/last.pt
+    python benchmarks/infer_speed.py --device cpu --paths eager,onnx --int8
     python benchmarks/infer_speed.py --device cuda --paths eager,channels_last,bf16,compile,onnx --rank
 
 Timings on a shared machine are noisy: compare ratios within one run, and rerun.
@@ -19,6 +23,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data-root", default=str(DEFAULT_DATA), help="Market-layout folder (query/, bounding_box_test/)")
     p.add_argument("--rank", action="store_true", help="also Rank-1 / mAP of each path on the data set")
     p.add_argument("--rank-ids", type=int, default=0, help="with --rank: only the first N test identities (0: all)")
+    p.add_argument("--int8", action="store_true",
+                   help="also time an int8 graph (ONNX Runtime static quantisation, calibrated on gallery images): "
+                        "a measurement of what int8 would give, not a FeatureExtractor path")
     return p.parse_args()
 
 
@@ -86,6 +94,39 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     for _ in range(repeats):
         a @ b
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def int8_rate(model: nn.Module, cfg: Config, batch: torch.Tensor, calibration: torch.Tensor,
+              repeats: int) -> tuple[float, np.ndarray]:
+    """Images/s and features of ``batch`` through an int8 graph: per-channel int8 weights, uint8 activations
+    with ranges calibrated on ``calibration`` (QDQ format, ONNX Runtime's quantize_static)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from cgpn.export import export_onnx, onnx_session
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"images": x.numpy()} for x in calibration.split(4)])
+
+        def get_next(self) -> dict | None:
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, pre, int8 = (os.path.join(tmp, f"{n}.onnx") for n in ("fp32", "pre", "int8"))
+        export_onnx(model, fp32, cfg.data.height, cfg.data.width, flip=True)
+        quant_pre_process(fp32, pre, skip_symbolic_shape=True)
+        quantize_static(pre, int8, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        session = onnx_session(int8)
+    x = batch.numpy()
+    session.run(["features"], {"images": x})
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        feats = session.run(["features"], {"images": x})[0]
+        times.append(time.perf_counter() - start)
+    return len(batch) / statistics.median(times), feats
 
 
 def _sync(device: torch.device) -> None:
@@ -191,6 +232,13 @@ def main() -> int:
         print(f"{name:<14} setup {setup:7.1f} s  {rate:8.2f} img/s ({rate * work:4.0f} GFLOP/s)  "
               f"{rate / eager_rate:5.2f}x eager  "
               f"min cosine {cosine:.6f}  {rank} {note}".rstrip(), flush=True)
+
+    if args.int8 and device.type == "cpu":
+        calibration = torch.stack([probe_extractor.preprocess(s.path) for s in data.gallery[:16]])
+        rate, feats = int8_rate(model, cfg, batch, calibration, args.repeats)
+        cosine = float((torch.from_numpy(feats) * reference).sum(1).min())
+        print(f"{'int8 (ORT)':<14} {'':15} {rate:8.2f} img/s  {'':16}{rate / eager_rate:5.2f}x eager  "
+              f"min cosine {cosine:.6f}  (measurement only, not a FeatureExtractor path)", flush=True)
 
     safe = [r for r in rows if r[4] >= 0.999 and "DIFFERENT" not in r[5] and not r[6]]
     best = max(safe, key=lambda r: r[2])

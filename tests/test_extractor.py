@@ -103,6 +103,7 @@ def test_fast_backends_agree_with_eager_fp32(checkpoint: Path, eager: FeatureExt
 
 def test_auto_on_cpu_is_onnxruntime_with_a_cached_graph(checkpoint: Path, images: list[Path],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cgpn.extractor.cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU, like CI's
     first = FeatureExtractor(checkpoint, device="cpu")
     assert first.backend == "onnx"
     cached = list(Path(first._onnx_graph()).parent.glob("*.onnx"))
@@ -114,6 +115,15 @@ def test_auto_on_cpu_is_onnxruntime_with_a_cached_graph(checkpoint: Path, images
     monkeypatch.setattr("cgpn.extractor.export_onnx", no_export)
     second = FeatureExtractor(checkpoint, device="cpu")
     torch.testing.assert_close(second(images), first(images))
+
+
+def test_auto_on_a_cpu_with_bf16_units_is_bf16(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the CPU has bf16 matrix units, auto takes bf16 autocast (features checked against eager fp32 in
+    test_fast_backends_agree_with_eager_fp32)."""
+    monkeypatch.setattr("cgpn.extractor.cpu_has_native_bf16", lambda: True)
+    assert FeatureExtractor(checkpoint, device="cpu").backend == "bf16"
+    monkeypatch.setattr("cgpn.extractor.cpu_has_native_bf16", lambda: False)
+    assert FeatureExtractor(checkpoint, device="cpu").backend == "onnx"
 
 
 def test_cache_keeps_each_variant_and_replaces_stale_graphs(checkpoint: Path, tmp_path: Path) -> None:
@@ -188,14 +198,15 @@ def test_user_errors(eager: FeatureExtractor, tmp_path: Path) -> None:
 
 
 def test_default_path_keeps_rank1_on_cuhk03_mini(shared_data: Path, tmp_path: Path) -> None:
-    """Eager fp32 and the default CPU path rank the real CUHK03 mini set the same way."""
+    """Eager fp32, the default CPU path and bf16 autocast (the default on CPUs with bf16 units) rank the real
+    CUHK03 mini set the same way."""
     from cgpn.data.datasets import build_dataset
     from cgpn.metrics.rank import evaluate, pairwise_distance
 
     ckpt = make_checkpoint(tmp_path / "r18.pt")
     data = build_dataset("market1501", shared_data / "cuhk03-np-mini" / "labeled")
     results = {}
-    for backend in ("eager", "auto"):
+    for backend in ("eager", "auto", "bf16"):
         extractor = FeatureExtractor(ckpt, device="cpu", backend=backend, batch_size=64)
         qf, gf = extractor([s.path for s in data.query]), extractor([s.path for s in data.gallery])
         ids = [np.array([getattr(s, k) for s in subset]) for subset in (data.query, data.gallery)
@@ -203,6 +214,8 @@ def test_default_path_keeps_rank1_on_cuhk03_mini(shared_data: Path, tmp_path: Pa
         results[backend] = evaluate(pairwise_distance(qf, gf), ids[0], ids[2], ids[1], ids[3])
     assert results["auto"].rank(1) == results["eager"].rank(1)
     assert abs(results["auto"].mAP - results["eager"].mAP) < 1e-3
+    assert results["bf16"].rank(1) == results["eager"].rank(1)
+    assert abs(results["bf16"].mAP - results["eager"].mAP) < 5e-3
 
 
 def test_a_model_passed_in_is_left_as_it_was(checkpoint: Path, tmp_path: Path) -> None:

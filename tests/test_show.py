@@ -23,22 +23,24 @@ def count_frames(png: Path, colour: tuple[int, int, int], size: tuple[int, int] 
 
 
 def _expected(distmat: np.ndarray, query, gallery, qi: int, topk: int) -> list[bool]:
-    """By hand: gallery by distance, minus same identity + same camera; True where the identity matches."""
-    kept = [j for j in np.argsort(distmat[qi], kind="stable")
-            if not (gallery[j].pid == query[qi].pid and gallery[j].camid == query[qi].camid)]
+    """By hand (Market-1501 protocol): gallery by distance, minus junk images (pid -1) and images of the same
+    identity from the same camera; True where the identity matches."""
+    kept = [j for j in np.argsort(distmat[qi], kind="stable") if gallery[j].pid != -1
+            and not (gallery[j].pid == query[qi].pid and gallery[j].camid == query[qi].camid)]
     return [gallery[j].pid == query[qi].pid for j in kept[:topk]]
 
 
 @pytest.mark.parametrize("topk", [5, 40])  # 40 > gallery: rows hold what the protocol leaves
 def test_ranked_list_has_one_tile_per_result(tiny_synth: Path, tmp_path: Path, topk: int) -> None:
     data = build_dataset("synthetic", tiny_synth)
+    gallery = [s._replace(pid=-1) if i % 4 == 1 else s for i, s in enumerate(data.gallery)]  # some junk
     q_pids = np.array([s.pid for s in data.query])
-    g_pids = np.array([s.pid for s in data.gallery])
+    g_pids = np.array([s.pid for s in gallery])
     rng = np.random.default_rng(0)
     distmat = rng.uniform(0.5, 1.5, size=(len(q_pids), len(g_pids))) - 0.4 * (q_pids[:, None] == g_pids[None])
     rows = [0, 3, 7]
-    out = draw_ranked_lists(distmat, data.query, data.gallery, rows, tmp_path / "ranks.png", topk=topk)
-    expected = [m for qi in rows for m in _expected(distmat, data.query, data.gallery, qi, topk)]
+    out = draw_ranked_lists(distmat, data.query, gallery, rows, tmp_path / "ranks.png", topk=topk)
+    expected = [m for qi in rows for m in _expected(distmat, data.query, gallery, qi, topk)]
     assert count_frames(out, BLUE) == len(rows)
     assert count_frames(out, GREEN) == sum(expected)
     assert count_frames(out, RED) == len(expected) - sum(expected)

@@ -426,7 +426,8 @@ def _add_extractor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--backend", choices=list(EXTRACTOR_BACKENDS), default="auto",
-                   help="auto (CPU: onnxruntime; GPU: eager) | eager | channels_last | bf16 | compile | onnx")
+                   help="auto (CPU: bf16 with AMX/AVX512-BF16, else onnxruntime; GPU: eager) | eager | "
+                   "channels_last | bf16 | compile | onnx")
     p.add_argument("--no-flip", action="store_true", help="skip averaging with the mirrored image")
 
 

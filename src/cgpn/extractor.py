@@ -1,12 +1,13 @@
 """Features out of images with a trained model: files, PIL images, NumPy arrays or tensors in, L2-normalised
 test features (3072-d for CGPN, Section 4.2) out, with the checkpoint's own preprocessing.
 
-On the CPU the default path (``backend="auto"``) runs the network through ONNX Runtime: the fastest
-path whose features match eager fp32 PyTorch (cosine >= 0.999, same Rank-1) in benchmarks/infer_speed.py,
-2.6x eager fp32 for CGPN-ResNet-50 at 384 x 128 on a 2-core AVX2 CPU (channels_last 1.2x, torch.compile
-1.65x). bf16 autocast is offered but runs 5-30x *slower* than fp32 on CPUs without native bf16 matrix
-units (AVX2 only). The exported graph of a checkpoint is cached on disk (``$CGPN_CACHE_DIR`` or
-``~/.cache/cgpn``), so only the first use of a checkpoint pays for the export.
+On the CPU the default path (``backend="auto"``) is the fastest one whose features match eager fp32
+PyTorch (cosine >= 0.999, same Rank-1; benchmarks/infer_speed.py). On CPUs with bf16 matrix units (AMX,
+AVX512-BF16) that is bf16 autocast + channels_last, as for training. On other CPUs it is ONNX Runtime:
+1.26x eager fp32 for CGPN-ResNet-50 at 384 x 128 on a 2-core AVX2 CPU, where eager already runs at ~80 % of
+the CPU's fp32 matrix-multiply rate (channels_last 1.12x; torch.compile 1.28x but 42 s to compile in every
+process; bf16 autocast 0.14x, emulated). The exported graph of a checkpoint is cached on disk
+(``$CGPN_CACHE_DIR`` or ``~/.cache/cgpn``), so only the first use of a checkpoint pays for the export.
 
 Example:
     >>> extractor = FeatureExtractor("runs/demo/last.pt")
@@ -37,6 +38,7 @@ from cgpn.data.loader import read_image
 from cgpn.data.transforms import build_transforms
 from cgpn.engine.checkpoint import load_model
 from cgpn.engine.inference import Embedder, resolve_device
+from cgpn.engine.precision import cpu_has_native_bf16
 from cgpn.errors import ConfigError, DatasetError, DependencyError, ImageError
 from cgpn.export import export_onnx, import_onnxruntime, onnx_session
 
@@ -124,8 +126,8 @@ class FeatureExtractor:
         device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:N``.
         batch_size: images per forward pass (each also runs mirrored when ``flip``).
         flip: average each feature with that of the mirrored image (Section 4.2).
-        backend: ``auto`` (CPU: ``onnx`` when onnxruntime is installed, else ``channels_last``; GPU:
-            ``eager``), ``eager`` (fp32 PyTorch), ``channels_last``, ``bf16`` (autocast), ``compile``
+        backend: ``auto`` (CPU: ``bf16`` with bf16 matrix units, else ``onnx`` when onnxruntime is
+            installed, else ``channels_last``; GPU: ``eager``), ``eager`` (fp32 PyTorch), ``channels_last``, ``bf16`` (autocast), ``compile``
             (torch.compile) or ``onnx`` (ONNX Runtime).
         config: preprocessing for a network passed in memory (a checkpoint brings its own); defaults
             to ``Config()``, i.e. 384 x 128 with ImageNet normalisation.
@@ -170,6 +172,8 @@ class FeatureExtractor:
             return backend
         if self.device.type != "cpu":
             return "eager"
+        if cpu_has_native_bf16():  # bf16 matrix units (AMX / AVX512-BF16): as training's engine.precision=auto
+            return "bf16"
         try:
             import_onnxruntime()
         except DependencyError:
