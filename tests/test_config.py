@@ -57,3 +57,26 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("solver: [unclosed\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.batch_size=0", "config key 'data.batch_size' must be >= 1, got 0"),
+    ("data.workers=-1", "config key 'data.workers' must be >= 0, got -1"),
+    ("solver.lr=-0.1", "config key 'solver.lr' must be > 0, got -0.1"),
+    ("solver.milestones=[60,0]", "config key 'solver.milestones[1]' must be >= 1, got 0"),
+    ("loss.label_smoothing=1.5", "config key 'loss.label_smoothing' must be between 0 and 1, got 1.5"),
+    ("loss.mse_reduction=Sum", "config key 'loss.mse_reduction' must be one of mean, sum, got 'Sum'"),
+    ("test.distance=cos", "config key 'test.distance' must be one of cosine, euclidean, got 'cos'"),
+    ("test.memory_mb=0", "config key 'test.memory_mb' must be > 0, got 0"),
+])
+def test_values_out_of_range_fail_when_the_config_is_read(override, message):
+    """Not at the first use: a bad test.* value would otherwise surface at the first evaluation, hours in."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value) == message
+
+
+def test_nesterov_needs_momentum():
+    with pytest.raises(ConfigError, match=r"solver.nesterov=true needs solver.momentum > 0"):
+        load_config(None, ["solver.nesterov=true", "solver.momentum=0"])
+    assert load_config(None, ["solver.nesterov=true"]).solver.nesterov  # with the default momentum 0.9

@@ -269,10 +269,10 @@ def test_every_config_loads_and_demo_keeps_its_values() -> None:
 
 
 def test_bad_engine_settings(tiny_synth: Path, tmp_path: Path) -> None:
-    for key, value, match in [("engine.precision", "fp8", "engine.precision must be one of"),
+    for key, value, match in [("engine.precision", "fp8", "'engine.precision' must be one of auto, fp32, bf16, fp16"),
                               ("engine.precision", "fp16", "needs a CUDA GPU"),
-                              ("engine.triplet_scope", "world", "triplet_scope must be rank or global"),
-                              ("engine.keep_last", 0, "keep_last must be at least 1")]:
+                              ("engine.triplet_scope", "world", "'engine.triplet_scope' must be one of rank, global"),
+                              ("engine.keep_last", 0, "'engine.keep_last' must be >= 1, got 0")]:
         with pytest.raises(CgpnError, match=match):
             train(load_config(None, tiny_overrides(tiny_synth, tmp_path / "x", **{key: value})))
 
@@ -314,3 +314,54 @@ def test_training_batches_depend_only_on_seed_epoch_and_batch(tiny_synth: Path) 
     assert not torch.equal(ref[0], epoch(0, 2)[0])
     flipped = [torch.equal(img, img.flip(2)) for batch in ref for img in batch]
     assert not any(flipped)  # (sanity: the synthetic images are not mirror-symmetric)
+
+
+def test_a_failed_evaluation_keeps_the_epochs_checkpoint(tiny_synth: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A corrupt test image found at the first evaluation after hours of training: the epoch's weights are
+    saved before the error stops the run, and the signal handlers of the run are taken down."""
+    import signal
+
+    import cgpn.engine.trainer as trainer_module
+    from cgpn.errors import ImageError
+
+    def broken_evaluation(*args, **kwargs):
+        raise ImageError("cannot read image 'query/0001_c1s1_000001_00.jpg': image file is truncated")
+
+    monkeypatch.setattr(trainer_module, "evaluate_model", broken_evaluation)
+    handler = signal.getsignal(signal.SIGINT)
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(tiny_synth, run, **{"engine.eval_period": 1,
+                                                               "engine.checkpoint_period": 5}))
+    with pytest.raises(ImageError, match="truncated"):
+        train(cfg)
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["epoch"] == 1 and last["batch"] == 0  # epoch 1 done and saved, though not a checkpoint epoch
+    assert signal.getsignal(signal.SIGINT) is handler
+
+    at_start = load_config(None, tiny_overrides(tiny_synth, tmp_path / "start", **{"engine.eval_at_start": "true"}))
+    with pytest.raises(ImageError, match="truncated"):
+        train(at_start)
+    assert signal.getsignal(signal.SIGINT) is handler  # also when the evaluation before training fails
+    assert not (tmp_path / "start" / "last.pt").exists()
+
+
+def test_resume_takes_the_new_solver_settings(tiny_synth: Path, tmp_path: Path) -> None:
+    """Resumed with solver.lr 0.02 instead of 0.01: the second epoch runs at 0.02 x gamma (milestone 1), not at
+    the checkpoint's 0.001; the momentum buffers still come from the checkpoint."""
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides(tiny_synth, run, **{"solver.epochs": 1, "solver.lr": 0.01})))
+    train(load_config(None, tiny_overrides(tiny_synth, run, **{"solver.lr": 0.02})), resume="auto")
+    with (run / "metrics.csv").open() as f:
+        lrs = {(int(r["epoch"]), float(r["value"])) for r in csv.DictReader(f) if r["tag"] == "train/lr"}
+    assert {lr for e, lr in lrs if e == 1} == {0.01}  # metrics.csv counts epochs from 1
+    assert {round(lr, 12) for e, lr in lrs if e == 2} == {0.002}
+
+
+def test_resume_from_a_path_takes_that_runs_settings(tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """cgpn train --resume runs/x/last.pt (no --config): the run's own settings, not the defaults'."""
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.out, run)
+    code = main(["-q", "train", "--resume", str(run / "last.pt"), "--set", f"output_dir={run}"])
+    out = capsys.readouterr().out
+    assert code == 0 and f"checkpoint: {run / 'last.pt'}" in out  # trained nothing more: it was finished

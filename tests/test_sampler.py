@@ -124,3 +124,12 @@ def test_bad_settings() -> None:
         PKSampler([0, 1, 2], 64, 8)
     with pytest.raises(ConfigError, match=r"data\.epoch_mode"):
         PKSampler(MARKET_LIKE, 64, 8, epoch_mode="epochs")
+
+
+@pytest.mark.parametrize("mode", ["identities", "images"])
+def test_more_processes_than_batches_still_give_every_rank_its_batches(mode: str) -> None:
+    """16 identities in batches of 8: 2 batches an epoch for 8 processes. Each process must still run
+    len(sampler) = 1 batch, or the ones without a batch wait for the others' gradients forever."""
+    pids = [i // 4 for i in range(64)]
+    ranks = [PKSampler(pids, 32, 4, epoch_mode=mode, rank=r, world_size=8) for r in range(8)]
+    assert [len(list(s)) for s in ranks] == [len(s) for s in ranks] == [1] * 8

@@ -73,7 +73,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _config(args)  # a mistake in the settings shows before torch loads
+    if args.resume and args.resume != "auto" and not args.config:  # the run's own settings, then --set
+        from cgpn.engine.checkpoint import load_checkpoint
+
+        cfg = apply_overrides(Config.from_dict(load_checkpoint(args.resume)["config"]), _shorthands(args))
+        cfg.validate()
+    else:
+        cfg = _config(args)  # a mistake in the settings shows before torch loads
     from cgpn.engine.trainer import train
 
     result = train(cfg, resume=args.resume, finetune=args.finetune)
@@ -84,7 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = max(result.evaluations) if result.evaluations else None
     if last:
         print(f"trained (epoch {last}): {result.evaluations[last].summary()}")
-    print(f"checkpoint: {result.checkpoint}")
+    print(f"checkpoint: {result.checkpoint}" if result.checkpoint.is_file() else
+          "no checkpoint: nothing was trained (solver.epochs=0)")
     if result.best_checkpoint:
         print(f"best (mAP): {result.best_checkpoint}")
     return 0
@@ -334,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", metavar="PATH|auto",
-                       help="continue a run from a checkpoint, or auto: the newest in output_dir (if any)")
+                       help="continue a run from a checkpoint (with its settings unless --config is given), or auto: "
+                       "the newest in output_dir (if any)")
     start.add_argument("--finetune", metavar="PATH",
                        help="start from a checkpoint's weights except the identity classifiers (new data set)")
     p.set_defaults(func=cmd_train)

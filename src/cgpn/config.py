@@ -20,8 +20,11 @@ from typing import Any
 import yaml
 
 from cgpn.errors import ConfigError
+from cgpn.files import atomic_path
 
 __all__ = [
+    "CHOICES",
+    "RANGES",
     "Config",
     "DataConfig",
     "EngineConfig",
@@ -130,7 +133,7 @@ class EngineConfig:
     other CPUs, where bf16 is emulated and many times slower (measured 25x on an AVX2 EPYC).
     """
 
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the process's LOCAL_RANK GPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; under torchrun auto/cuda = the process's LOCAL_RANK GPU
     seed: int = 0
     deterministic: bool = False  # deterministic kernels; on the CPU a resumed run ends bit-identical
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16: GPUs only, with a GradScaler); see above
@@ -169,7 +172,85 @@ class Config:
     def from_dict(cls, values: dict[str, Any]) -> Config:
         cfg = cls()
         _merge(cfg, values, prefix="")
-        return cfg
+        return cfg.validate()
+
+    def validate(self) -> Config:
+        """``self`` if every setting is one of its ``CHOICES`` and within its ``RANGES``, else a ConfigError
+        naming the first that is not: before any work, not at the first use (e.g. the first evaluation)."""
+        for key, choices in CHOICES.items():
+            value = self._get(key)
+            if value not in choices:
+                raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+        for key, (low, high, strict) in RANGES.items():
+            value = self._get(key)
+            for i, v in enumerate(value if isinstance(value, list) else [value]):
+                if (low is not None and (v <= low if strict else v < low)) or (high is not None and v > high):
+                    where = f"{key}[{i}]" if isinstance(value, list) else key
+                    bound = (f"{'>' if strict else '>='} {low:g}" if high is None
+                             else f"between {low:g} and {high:g}")
+                    raise ConfigError(f"config key '{where}' must be {bound}, got {v:g}")
+        if self.solver.optimizer == "sgd" and self.solver.nesterov and self.solver.momentum == 0:
+            raise ConfigError("solver.nesterov=true needs solver.momentum > 0 (Nesterov momentum without momentum)")
+        return self
+
+    def _get(self, key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(self, section), name)
+
+
+# Settings that take one of a few names (the modules that use them import these).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.pooling": ("max", "avg"),
+    "model.triplet_on": ("reduced", "pooled"),
+    "loss.mse_reduction": ("mean", "sum"),
+    "data.epoch_mode": ("identities", "images"),
+    "data.on_bad_image": ("skip", "stop"),
+    "data.verify_counts": ("warn", "error", "ignore"),
+    "solver.optimizer": ("sgd", "adam"),
+    "test.distance": ("cosine", "euclidean"),
+    "test.ap_mode": ("standard", "market"),
+    "engine.precision": ("auto", "fp32", "bf16", "fp16"),
+    "engine.triplet_scope": ("rank", "global"),
+    "engine.dist_backend": ("auto", "nccl", "gloo"),
+}
+
+# Numeric settings: (lowest, highest or None, lowest excluded). A list setting applies it to every item.
+RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "model.reduce_dim": (1, None, False),
+    "loss.triplet_margin": (0, None, False),
+    "loss.label_smoothing": (0, 1, False),
+    "loss.ce_weight": (0, None, False),
+    "loss.triplet_weight": (0, None, False),
+    "loss.mse_weight": (0, None, False),
+    "data.height": (1, None, False),
+    "data.width": (1, None, False),
+    "data.batch_size": (1, None, False),
+    "data.num_instances": (1, None, False),
+    "data.workers": (0, None, False),
+    "data.flip_prob": (0, 1, False),
+    "data.random_erasing": (0, 1, False),
+    "data.pad": (0, None, False),
+    "data.test_batch_size": (1, None, False),
+    "data.folder_test_ids": (0, 1, False),
+    "solver.lr": (0, None, True),
+    "solver.momentum": (0, 1, False),
+    "solver.weight_decay": (0, None, False),
+    "solver.milestones": (1, None, False),
+    "solver.gamma": (0, None, True),
+    "solver.epochs": (0, None, False),  # 0: no training (e.g. train(cfg, finetune=...) to load weights)
+    "solver.warmup_epochs": (0, None, False),
+    "test.max_rank": (1, None, False),
+    "test.memory_mb": (0, None, True),
+    "test.rerank_k1": (1, None, False),
+    "test.rerank_k2": (1, None, False),
+    "test.rerank_lambda": (0, 1, False),
+    "engine.eval_period": (0, None, False),
+    "engine.log_period": (1, None, False),
+    "engine.checkpoint_period": (0, None, False),
+    "engine.checkpoint_steps": (0, None, False),
+    "engine.keep_last": (1, None, False),
+    "engine.threads": (0, None, False),
+}
 
 
 # --- serving: the flags of cgpn extract / index build / search / export (not part of a run's config) ---
@@ -312,9 +393,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path is not None:
         _merge(cfg, _read_yaml(Path(path)), prefix="")
-    return apply_overrides(cfg, overrides or [])
+    return apply_overrides(cfg, overrides or []).validate()
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (what ``load_config`` reads back to the same values)."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

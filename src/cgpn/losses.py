@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cgpn.config import LossConfig
+from cgpn.config import CHOICES, LossConfig
+from cgpn.errors import ConfigError
 from cgpn.model.cgpn import CGPNOutput
 
 __all__ = ["CGPNLoss", "batch_hard_triplet_loss", "cross_entropy_loss", "global_supervision_loss"]
@@ -44,8 +45,8 @@ def batch_hard_triplet_loss(features: torch.Tensor, targets: torch.Tensor, margi
 def global_supervision_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]], reduction: str = "mean",
                             detach_target: bool = True) -> torch.Tensor:
     """Eq. 3: summed squared error between each f_g_p (B, c) and its target f_gl_p (B, c)."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"loss.mse_reduction must be mean or sum, got {reduction!r}")
+    if reduction not in CHOICES["loss.mse_reduction"]:
+        raise ConfigError(f"loss.mse_reduction must be mean or sum, got {reduction!r}")
     total = torch.zeros(())
     for pred, target in pairs:
         pred, target = pred.float(), target.float()

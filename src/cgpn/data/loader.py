@@ -18,7 +18,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from cgpn.config import DataConfig
+from cgpn.config import CHOICES, DataConfig
 from cgpn.data.datasets.base import Sample
 from cgpn.data.sampler import PKSampler
 from cgpn.data.transforms import build_transforms
@@ -29,7 +29,7 @@ __all__ = ["BAD_IMAGE_MODES", "ImageDataset", "SeededBatchSampler", "SeededDatas
 
 logger = logging.getLogger(__name__)
 
-BAD_IMAGE_MODES = ("skip", "stop")
+BAD_IMAGE_MODES = CHOICES["data.on_bad_image"]
 _MAX_WORKERS = 64  # slots of the shared skip counter (one per worker process, plus the main process)
 
 

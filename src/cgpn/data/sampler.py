@@ -107,6 +107,6 @@ class PKSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.epoch_batches()
         total = len(self) * self.world_size
-        batches += batches[: total - len(batches)]  # wrap so every rank runs len(self) batches
+        batches = [batches[i % len(batches)] for i in range(total)]  # wrap so every rank runs len(self) batches
         mine = batches[self.rank :: self.world_size]
         yield from mine[self.start_batch :]

@@ -28,7 +28,7 @@ import torch.distributed.nn.functional as dist_fn
 from cgpn.config import EngineConfig
 from cgpn.errors import ConfigError
 
-__all__ = ["DistEnv", "any_rank", "barrier", "gather_across_processes", "init_distributed"]
+__all__ = ["DistEnv", "any_rank", "gather_across_processes", "init_distributed"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +86,6 @@ def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def barrier(env: DistEnv) -> None:
-    """Wait for every process (e.g. while rank 0 evaluates)."""
-    if env.distributed:
-        dist.barrier()
 
 
 def gather_across_processes(x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from cgpn.engine.checkpoint import Checkpointer
-from cgpn.engine.distributed import DistEnv, any_rank, barrier
+from cgpn.engine.distributed import DistEnv, any_rank
+from cgpn.errors import CgpnError
 from cgpn.metrics.rank import RankResult
 
 if TYPE_CHECKING:
@@ -119,17 +120,25 @@ class Evaluator(HookBase):
             self._run(t.epoch, f"epoch {t.epoch}")
 
     def _run(self, epoch: int, label: str) -> None:
+        """Evaluate; an error (a corrupt test image, no memory...) is kept in ``trainer.failed_evaluation``,
+        on every process, so that the epoch's checkpoint is saved before it is raised."""
         t = self.trainer
+        failed: BaseException | None = None
         if self.env.is_main:
-            result = self.evaluate()
-            t.evaluations[epoch] = result
-            logger.info("%s: %s", label, result.summary())
-            if epoch > 0 and (t.best is None or result.mAP > t.best[1]):
-                t.best, t.is_best = (epoch, float(result.mAP)), True
-            if t.metrics is not None:
-                t.metrics.write(t.step, epoch, {"eval/rank1": result.rank(1), "eval/mAP": result.mAP,
-                                                "eval/mINP": result.mINP})
-        barrier(self.env)
+            try:
+                result = self.evaluate()
+            except Exception as err:
+                failed = err
+            else:
+                t.evaluations[epoch] = result
+                logger.info("%s: %s", label, result.summary())
+                if epoch > 0 and (t.best is None or result.mAP > t.best[1]):
+                    t.best, t.is_best = (epoch, float(result.mAP)), True
+                if t.metrics is not None:
+                    t.metrics.write(t.step, epoch, {"eval/rank1": result.rank(1), "eval/mAP": result.mAP,
+                                                    "eval/mINP": result.mINP})
+        if any_rank(failed is not None, self.env, t.device):  # also the barrier while rank 0 evaluates
+            t.failed_evaluation = failed or CgpnError(f"the evaluation after {label} failed on process 0")
 
 
 class PeriodicCheckpoint(HookBase):
@@ -148,14 +157,14 @@ class PeriodicCheckpoint(HookBase):
 
     def after_epoch(self) -> None:
         t = self.trainer
-        if (self._due or t.stop_requested or t.is_best or t.epoch == t.max_epochs
+        if (self._due or t.stop_requested or t.is_best or t.epoch == t.max_epochs or t.failed_evaluation
                 or (self.epoch_period > 0 and t.epoch % self.epoch_period == 0)):
             self._save(best=t.is_best)
 
     def _save(self, best: bool = False) -> None:
         t = self.trainer
+        t.check_weights()  # on every process (the weights are the same): all stop together if they diverged
         if self.env.is_main:
-            t.check_weights()
             t.last_checkpoint = self.checkpointer.save(t.state_dict(), t.step, best=best)
             logger.debug("saved %s", t.last_checkpoint)
         self._due = False

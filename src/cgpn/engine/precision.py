@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
+from cgpn.config import CHOICES
 from cgpn.errors import ConfigError
 
 __all__ = ["PRECISIONS", "Precision", "cpu_has_native_bf16", "resolve_precision"]
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = CHOICES["engine.precision"]
 
 
 def cpu_has_native_bf16() -> bool:

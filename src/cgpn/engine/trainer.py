@@ -102,7 +102,7 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     raise ConfigError(f"solver.optimizer must be sgd or adam, got {s.optimizer!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-epoch factor: linear warm-up over ``warmup_epochs``, then x gamma at each milestone."""
     s = cfg.solver
 
@@ -122,7 +122,7 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, train_model: nn.Module, criterion: nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
                  loader: DataLoader, device: torch.device, precision: Precision, max_epochs: int, env: DistEnv,
                  channels_last: bool = False, extra_state: dict[str, Any] | None = None,
                  metrics: MetricsWriter | None = None) -> None:
@@ -140,6 +140,7 @@ class Trainer:
         self.best: tuple[int, float] | None = None  # (epoch, mAP)
         self.is_best = False  # the evaluation of the epoch just completed is the best so far
         self.stop_requested = False
+        self.failed_evaluation: BaseException | None = None  # raised once the epoch's checkpoint is saved
         self.last_checkpoint: Path | None = None
         self.last_terms: dict[str, float] = {}
         self.last_batch_size = 0
@@ -159,9 +160,11 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def train(self) -> None:
-        """The loop; a stop request (Ctrl-C) raises KeyboardInterrupt once the checkpoint hook has saved."""
-        self._call("before_train")
+        """The loop; a stop request (Ctrl-C) raises KeyboardInterrupt once the checkpoint hook has saved, a
+        failed evaluation raises its error once the epoch's checkpoint is written."""
         try:
+            self._call("before_train")
+            self._raise_failed_evaluation()
             while self.epoch < self.max_epochs:
                 self.loader.batch_sampler.set_epoch(self.epoch, self.batch)
                 self._call("before_epoch")
@@ -175,10 +178,16 @@ class Trainer:
                 self.epoch, self.batch, self._sums = self.epoch + 1, 0, {}
                 self._call("after_epoch")
                 self.is_best = False
+                self._raise_failed_evaluation()
                 if self.stop_requested:
                     self._stop()
         finally:
             self._call("after_train")
+
+    def _raise_failed_evaluation(self) -> None:
+        if self.failed_evaluation is not None:
+            error, self.failed_evaluation = self.failed_evaluation, None
+            raise error
 
     def _stop(self) -> None:
         if self.env.is_main:
@@ -233,8 +242,17 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
         """Continue from a checkpoint ``state_dict`` wrote (the model's weights are loaded by the caller)."""
+        # this run's solver settings (lr, momentum, weight decay...) over the checkpoint's: the optimizer's
+        # buffers and the schedule's position come from the checkpoint, the settings from the config
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        base_lrs = list(self.scheduler.base_lrs)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.base_lrs = base_lrs
+        for group, own, base, factor in zip(self.optimizer.param_groups, settings, base_lrs,
+                                            self.scheduler.lr_lambdas):
+            group.update(own, lr=base * factor(self.scheduler.last_epoch))
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch, self.step = state["epoch"], state.get("batch", 0), state.get("step", 0)
@@ -270,6 +288,10 @@ def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
 
 
 def _device(cfg: Config, env: DistEnv) -> torch.device:
+    if env.distributed and cfg.engine.device.startswith("cuda:"):
+        raise ConfigError(f"engine.device={cfg.engine.device} under torchrun would put every process on one GPU; "
+                          f"use engine.device=cuda (each process takes its LOCAL_RANK GPU) and choose GPUs "
+                          f"with CUDA_VISIBLE_DEVICES")
     if env.distributed and torch.cuda.is_available() and cfg.engine.device in ("auto", "cuda"):
         return torch.device("cuda", env.local_rank)
     return resolve_device(cfg.engine.device)
@@ -284,6 +306,7 @@ def train(cfg: Config, resume: str | None = None, finetune: str | None = None) -
             start if there is none).
         finetune: a checkpoint whose weights, except the identity classifiers, start a new run.
     """
+    cfg.validate()  # a bad test.* setting fails now, not at the first evaluation hours in
     if resume and finetune:
         raise ConfigError("--resume and --finetune exclude each other: resume continues a run, finetune starts "
                           "a new one from another run's weights")
@@ -334,8 +357,6 @@ def _process_settings_restored() -> Iterator[None]:
 
 def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) -> TrainResult:
     e = cfg.engine
-    if e.triplet_scope not in ("rank", "global"):
-        raise ConfigError(f"engine.triplet_scope must be rank or global, got {e.triplet_scope!r}")
     if e.threads > 0:
         torch.set_num_threads(e.threads)
     seed_everything(e.seed, e.deterministic)

@@ -27,12 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cgpn.config import CHOICES
 from cgpn.errors import ConfigError, DatasetError
 
 __all__ = ["AP_MODES", "METRICS", "RankResult", "evaluate", "evaluate_features", "pairwise_distance"]
 
-AP_MODES = ("standard", "market")  # non-interpolated AP | official Market-1501 trapezoid AP (SPEC)
-METRICS = ("cosine", "euclidean")  # Euclidean between L2-normalised features (SPEC 8) | raw Euclidean
+AP_MODES = CHOICES["test.ap_mode"]  # non-interpolated AP | official Market-1501 trapezoid AP (SPEC)
+METRICS = CHOICES["test.distance"]  # Euclidean between L2-normalised features (SPEC 8) | raw Euclidean
 _TIE_CHUNK = 1 << 22  # elements scanned at once when resolving exact ties
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
+from cgpn.config import CHOICES
 from cgpn.errors import ConfigError, DatasetError
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-VERIFY_MODES = ("warn", "error", "ignore")  # data.verify_counts
+VERIFY_MODES = CHOICES["data.verify_counts"]
 SUBSETS = ("train", "query", "gallery")
 
 
