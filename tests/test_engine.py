@@ -365,3 +365,15 @@ def test_resume_from_a_path_takes_that_runs_settings(tiny_run, tmp_path: Path, c
     code = main(["-q", "train", "--resume", str(run / "last.pt"), "--set", f"output_dir={run}"])
     out = capsys.readouterr().out
     assert code == 0 and f"checkpoint: {run / 'last.pt'}" in out  # trained nothing more: it was finished
+
+
+def test_checkpoint_folder_with_a_users_file_and_a_cut_short_save(tmp_path: Path) -> None:
+    from cgpn.engine.checkpoint import Checkpointer, step_checkpoints
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("step_00000002.pt", "step_best.pt", ".step_00000003.tmp.pt"):
+        (folder / name).write_bytes(b"x")
+    assert step_checkpoints(tmp_path) == {2: folder / "step_00000002.pt"}  # step_best.pt is not a step
+    assert Checkpointer(tmp_path).remove_partial_saves() == [folder / ".step_00000003.tmp.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000002.pt", "step_best.pt"]

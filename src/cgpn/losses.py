@@ -1,8 +1,8 @@
 """The training loss of eq. 4: L = L_softmax + L_triplet + L_mse, each term reported separately.
 
 - Softmax cross-entropy on every feature's logits (eq. 1), mean over the batch, summed over features (SPEC 6).
-- Batch-hard triplet loss (eq. 2, Hermans et al. 2017), margin 1.2, on the global features, mean over
-  anchors (SPEC 4), summed over features.
+- Batch-hard triplet loss (eq. 2, Hermans et al. 2017), margin 1.2, on the global features (on the local
+  ones for CGPN-3, which has no global part), mean over anchors (SPEC 4), summed over features.
 - Global supervision (eq. 3): MSE between f_g_p and the pooled half f_gl_p, summed over the 3 branches and
   2 halves; ``mean`` over elements (nn.MSELoss) or ``sum`` over channels then batch mean (SPEC 5).
 """

@@ -10,21 +10,19 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from PIL import Image
 from tqdm import tqdm
 
 from cgpn.data.datasets.base import ReidDataset, Sample
+from cgpn.data.loader import DECODE_ERRORS, decode_rgb
 
 __all__ = ["ImageCheck", "check_images", "decode_problem"]
 
 
 def decode_problem(path: str) -> tuple[str | None, tuple[int, int]]:
-    """(None, (width, height)) if ``path`` decodes fully, else (the reason, (0, 0))."""
+    """(None, (width, height)) if ``path`` decodes fully, as training reads it, else (the reason, (0, 0))."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return None, img.size
-    except Exception as err:  # any decoder failure is a finding, reported with its path
+        return None, decode_rgb(path).size
+    except DECODE_ERRORS as err:
         return f"{type(err).__name__}: {err}", (0, 0)
 
 

@@ -33,12 +33,20 @@ BAD_IMAGE_MODES = CHOICES["data.on_bad_image"]
 _MAX_WORKERS = 64  # slots of the shared skip counter (one per worker process, plus the main process)
 
 
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on bad files
+
+
+def decode_rgb(path: str) -> Image.Image:
+    """The RGB image at ``path``, fully decoded; one of ``DECODE_ERRORS`` if the file is not a readable image."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
 def read_image(path: str) -> Image.Image:
     """The RGB image at ``path``, fully decoded, or an ImageError naming the file."""
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return decode_rgb(path)
+    except DECODE_ERRORS as err:
         raise ImageError(f"cannot read image '{path}': {err} (expected a readable JPEG/PNG; "
                          f"run cgpn check-data to list every bad file)") from None
 

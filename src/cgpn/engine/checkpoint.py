@@ -197,7 +197,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def step_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     """``checkpoints/step_*.pt`` of a run folder by step, in step order."""
     paths = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))  # zero-padded: name order = step order
-    return {int(p.stem.split("_", 1)[1]): p for p in paths}
+    return {int(p.stem[5:]): p for p in paths if p.stem[5:].isdigit()}  # not a user's step_best.pt
 
 
 class Checkpointer:
@@ -213,6 +213,13 @@ class Checkpointer:
             raise ConfigError(f"engine.keep_last must be at least 1 (e.g. 2), got {keep_last}")
         self.run_dir, self.keep_last = Path(run_dir), keep_last
         self.last, self.best = self.run_dir / "last.pt", self.run_dir / "best.pt"
+
+    def remove_partial_saves(self) -> list[Path]:
+        """Delete the temporary files of saves a kill cut short (each as large as a checkpoint)."""
+        stale = sorted((self.run_dir / "checkpoints").glob(".step_*.tmp.pt"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
 
     def save(self, state: dict[str, Any], step: int, best: bool = False) -> Path:
         """Write ``state`` as ``checkpoints/step_{step}.pt``, point ``last.pt`` (and ``best.pt``) to it, prune."""

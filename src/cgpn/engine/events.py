@@ -37,11 +37,12 @@ class MetricsWriter:
         if start_step > 0 and self.path.is_file():
             with self.path.open(newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-        self._file = self.path.open("w", newline="")
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:  # a kill here keeps the history
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        self._file = self.path.open("a", newline="")
         self._csv = csv.DictWriter(self._file, fieldnames=FIELDS)
-        self._csv.writeheader()
-        self._csv.writerows(rows)
-        self._file.flush()
         self._tb = None
         if tensorboard:
             try:

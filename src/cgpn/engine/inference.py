@@ -61,9 +61,11 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device,
     was_training = model.training
     embed = Embedder(model.eval(), flip=flip, normalize=False)
     feats, pids, camids = [], [], []
-    for images, pid, camid, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
-        feats.append(embed(images.to(device, non_blocking=True)).cpu())
-        pids.append(pid.numpy())
-        camids.append(camid.numpy())
-    model.train(was_training)
+    try:
+        for images, pid, camid, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+            feats.append(embed(images.to(device, non_blocking=True)).cpu())
+            pids.append(pid.numpy())
+            camids.append(camid.numpy())
+    finally:  # also after a bad image: the caller's model keeps its mode
+        model.train(was_training)
     return torch.cat(feats), np.concatenate(pids), np.concatenate(camids)

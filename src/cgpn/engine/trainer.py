@@ -374,6 +374,8 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
     ckpt_path = find_resume_checkpoint(resume, out) if resume else None
     state = load_checkpoint(ckpt_path) if ckpt_path else None
     _check_no_other_run(out, state)
+    if env.is_main and (stale := checkpointer.remove_partial_saves()):
+        logger.info("removed %d unfinished checkpoint file(s) of an interrupted save", len(stale))
     if resume == "auto" and ckpt_path is None:
         logger.info("--resume auto: no checkpoint in %s yet, starting from scratch", out)
     if state is not None and env.is_main:

@@ -72,7 +72,7 @@ class CGPNOutput:
     Attributes:
         features: reduced features (B, 256) by name (``g1``..``g3``, ``b3_0_3``...), in test order.
         logits: identity logits (B, num_classes) by the same names.
-        triplet_features: features the triplet loss acts on (the 3 global ones, SPEC 4).
+        triplet_features: features the triplet loss acts on (the 3 global ones, SPEC 4; the local ones for CGPN-3, which has none).
         supervision: (prediction f_g_p, target f_gl_p) pairs of eq. 3, each (B, c); empty without MSE.
     """
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,9 +146,11 @@ def extract_cuhk03_images(mat_path: Path, variant: str, out_dir: Path, progress:
             if pixels.ndim != 3 or pixels.size == 0:  # an empty cell: MATLAB stores [0 0]
                 continue
             name = f"{pair + 1}_{person + 1:03d}_{1 if image < 5 else 2}_{image + 1:02d}.png"
-            tmp = out_dir / f".{name}.tmp"
-            Image.fromarray(np.ascontiguousarray(pixels.transpose(2, 1, 0)).astype(np.uint8)).save(tmp, format="PNG")
-            tmp.replace(out_dir / name)
+            # a name of this process's own: under torchrun every process may extract at once (same bytes)
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                Image.fromarray(np.ascontiguousarray(pixels.transpose(2, 1, 0)).astype(np.uint8)).save(f, format="PNG")
+            os.replace(tmp, out_dir / name)
             names.append(name)
     logger.info("extracted %d %s images from %s to %s", len(names), variant, mat_path, out_dir)
     return set(names)

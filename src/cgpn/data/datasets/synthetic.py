@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -274,9 +274,3 @@ class SyntheticReid(MarketLayoutDataset):
     """Reader of a folder written by ``generate_synthetic`` (``root`` is that folder)."""
 
     name = "synthetic"
-
-    def __init__(self, root: str | Path) -> None:
-        super().__init__(root)
-        meta = self.dataset_dir / "synthetic.json"
-        self.spec = SyntheticSpec(**{f.name: v for f, v in zip(fields(SyntheticSpec),
-                                     json.loads(meta.read_text()).values())}) if meta.is_file() else None
