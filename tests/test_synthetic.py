@@ -6,8 +6,11 @@ import hashlib
 import re
 from collections import defaultdict
 
+import pytest
+
 from cgpn.data.datasets import SyntheticReid, build_dataset
 from cgpn.data.datasets.synthetic import SyntheticSpec, generate_synthetic
+from cgpn.errors import ConfigError
 
 MARKET_NAME = re.compile(r"^(\d{4})_c(\d)s1_(\d{6})_00\.jpg$")  # e.g. 0002_c1s1_000451_00.jpg
 
@@ -42,8 +45,8 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
     assert set(a.values()).isdisjoint(c.values())
 
 
-def test_every_query_has_a_match_in_another_camera(tiny_synth):
-    data = build_dataset("synthetic", tiny_synth)
+def _check_cross_camera_matches(root):
+    data = build_dataset("synthetic", root)
     gallery_cams = defaultdict(set)
     for s in data.gallery:
         gallery_cams[s.pid].add(s.camid)
@@ -53,6 +56,23 @@ def test_every_query_has_a_match_in_another_camera(tiny_synth):
         assert gallery_cams[q.pid] - {q.camid}, f"query {q.path} has no cross-camera match"
     assert all(len(set(cams)) == 2 for cams in query_cams.values())  # one query in each of two cameras
     assert not {s.pid for s in data.train} & set(query_cams)  # test identities unseen in training
+
+
+def test_every_query_has_a_match_in_another_camera(tiny_synth):
+    _check_cross_camera_matches(tiny_synth)
+
+
+@pytest.mark.parametrize(("images", "cameras"), [(3, 3), (4, 2), (5, 2)])
+def test_few_images_or_cameras_still_give_every_query_a_match(tmp_path, images, cameras):
+    """Random gallery cameras alone left half of the queries without a match with 3 images and 2 cameras."""
+    spec = SyntheticSpec(train_ids=2, test_ids=20, images_per_id=images, cameras=cameras, distractors=0, seed=1)
+    generate_synthetic(tmp_path, spec, progress=False)
+    _check_cross_camera_matches(tmp_path)
+
+
+def test_one_gallery_image_needs_a_third_camera(tmp_path):
+    with pytest.raises(ConfigError, match="must come from a third camera"):
+        generate_synthetic(tmp_path, SyntheticSpec(test_ids=2, images_per_id=3, cameras=2), progress=False)
 
 
 def test_images_differ_within_an_identity(tiny_synth):

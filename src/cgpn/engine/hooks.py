@@ -67,6 +67,7 @@ class StopOnSignal(HookBase):
     def __init__(self, env: DistEnv) -> None:
         self.env, self._pid = env, os.getpid()
         self._previous: dict[int, object] = {}
+        self.requested = False  # a signal reached this process; trainer.stop_requested follows it in _share
 
     def before_train(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -75,14 +76,16 @@ class StopOnSignal(HookBase):
     def _handle(self, signum: int, frame: object) -> None:
         if os.getpid() != self._pid:  # a data loader worker forked with this handler: the main process decides
             return
-        if self.trainer.stop_requested:
+        if self.requested:
             raise KeyboardInterrupt
-        self.trainer.stop_requested = True
+        self.requested = True
         logger.warning("%s: stopping after this iteration and saving a checkpoint (Ctrl-C again stops at once)",
                        signal.Signals(signum).name)
 
     def _share(self) -> None:
-        self.trainer.stop_requested = any_rank(self.trainer.stop_requested, self.env, self.trainer.device)
+        """The trainer stops only here, at the same iteration on every process: a signal that arrives while
+        rank 0 saves or evaluates waits for the next iteration, rather than stopping rank 0 alone."""
+        self.trainer.stop_requested = any_rank(self.requested, self.env, self.trainer.device)
 
     after_step = _share
     after_epoch = _share

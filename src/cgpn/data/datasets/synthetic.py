@@ -226,6 +226,21 @@ def _render(ident: _Identity, cam: dict[str, object], spec: SyntheticSpec, rng: 
     return noisy.clip(0, 255).astype(np.uint8)
 
 
+def _cross_camera_gallery(query: np.ndarray, gallery: np.ndarray, cameras: int) -> np.ndarray:
+    """The gallery's cameras, changed only where needed (no random draw, so other identities' images stay
+    the same) so that each query has a gallery image of its identity from another camera: the protocol
+    drops same-camera matches, and a query without any would be skipped by the evaluation."""
+    gallery = gallery.copy()
+    if len(gallery) == 1:
+        if gallery[0] in query:
+            gallery[0] = min(set(range(cameras)) - set(query.tolist()))
+        return gallery
+    for i, q in enumerate(query):
+        if (gallery == q).all():
+            gallery[i] = query[1 - i]
+    return gallery
+
+
 def generate_synthetic(out: str | Path, spec: SyntheticSpec | None = None, progress: bool = True) -> dict[str, int]:
     """Write the data set described by ``spec`` under ``out``; returns the image count per folder.
 
@@ -236,6 +251,10 @@ def generate_synthetic(out: str | Path, spec: SyntheticSpec | None = None, progr
     if spec.cameras < 2 or spec.images_per_id < 3 or spec.train_ids < 1 or spec.test_ids < 1:
         raise ConfigError("synthetic data needs --cameras >= 2, --images-per-id >= 3 and at least one "
                           f"train and one test identity, got {spec}")
+    if spec.images_per_id == 3 and spec.cameras < 3:
+        raise ConfigError("with --images-per-id 3 a test identity has one gallery image, which must come from "
+                          "a third camera for both queries to have a match: use --cameras >= 3 or "
+                          "--images-per-id >= 4")
     out = Path(out)
     dirs = {name: out / name for name in ("bounding_box_train", "query", "bounding_box_test")}
     for d in dirs.values():
@@ -255,7 +274,8 @@ def generate_synthetic(out: str | Path, spec: SyntheticSpec | None = None, progr
             jobs += [("bounding_box_train", pid, int(c), index) for c in cams]
         else:
             jobs += [("query", pid, int(cams[0]), index), ("query", pid, int(cams[1]), index)]
-            jobs += [("bounding_box_test", pid, int(c), index) for c in cams[2:]]
+            jobs += [("bounding_box_test", pid, int(c), index)
+                     for c in _cross_camera_gallery(cams[:2], cams[2:], spec.cameras)]
     jobs += [("bounding_box_test", 0, int(rng.integers(spec.cameras)), None) for _ in range(spec.distractors)]
 
     counts = dict.fromkeys(dirs, 0)
