@@ -70,13 +70,13 @@ def init_distributed(cfg: EngineConfig) -> DistEnv:
         raise ConfigError(f"engine.dist_backend must be auto, nccl or gloo, got {backend!r}")
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    if dist.is_initialized():
-        return DistEnv(rank, world_size, local_rank)
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
-    logger.info("process %d of %d (%s)", rank, world_size, backend)
+    initialized_here = not dist.is_initialized()  # else a caller's group (a test, a notebook) is used as it is
+    if initialized_here:
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
+        logger.info("process %d of %d (%s)", rank, world_size, backend)
     if rank != 0:  # one voice: the other processes only warn
         logging.getLogger("cgpn").setLevel(logging.WARNING)
-    return DistEnv(rank, world_size, local_rank, initialized_here=True)
+    return DistEnv(rank, world_size, local_rank, initialized_here=initialized_here)
 
 
 def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
