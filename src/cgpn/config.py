@@ -184,7 +184,7 @@ class Config:
         for key, (low, high, strict) in RANGES.items():
             value = self._get(key)
             for i, v in enumerate(value if isinstance(value, list) else [value]):
-                if (low is not None and (v <= low if strict else v < low)) or (high is not None and v > high):
+                if (v <= low if strict else v < low) or (high is not None and v > high):
                     where = f"{key}[{i}]" if isinstance(value, list) else key
                     bound = (f"{'>' if strict else '>='} {low:g}" if high is None
                              else f"between {low:g} and {high:g}")

@@ -4,9 +4,9 @@ test features (3072-d for CGPN, Section 4.2) out, with the checkpoint's own prep
 On the CPU the default path (``backend="auto"``) is the fastest one whose features match eager fp32
 PyTorch (cosine >= 0.999, same Rank-1; benchmarks/infer_speed.py). On CPUs with bf16 matrix units (AMX,
 AVX512-BF16) that is bf16 autocast + channels_last, as for training. On other CPUs it is ONNX Runtime:
-1.26x eager fp32 for CGPN-ResNet-50 at 384 x 128 on a 2-core AVX2 CPU, where eager already runs at ~80 % of
-the CPU's fp32 matrix-multiply rate (channels_last 1.12x; torch.compile 1.28x but 42 s to compile in every
-process; bf16 autocast 0.14x, emulated). The exported graph of a checkpoint is cached on disk
+1.30x eager fp32 for CGPN-ResNet-50 at 384 x 128 on a 2-core AVX2 CPU, where eager already runs at 73 % of
+the CPU's fp32 matrix-multiply rate (channels_last 1.23x; torch.compile 1.34x but 7-42 s to compile in
+every process; bf16 autocast 0.14x, emulated). The exported graph of a checkpoint is cached on disk
 (``$CGPN_CACHE_DIR`` or ``~/.cache/cgpn``), so only the first use of a checkpoint pays for the export.
 
 Example:
@@ -127,8 +127,8 @@ class FeatureExtractor:
         batch_size: images per forward pass (each also runs mirrored when ``flip``).
         flip: average each feature with that of the mirrored image (Section 4.2).
         backend: ``auto`` (CPU: ``bf16`` with bf16 matrix units, else ``onnx`` when onnxruntime is
-            installed, else ``channels_last``; GPU: ``eager``), ``eager`` (fp32 PyTorch), ``channels_last``, ``bf16`` (autocast), ``compile``
-            (torch.compile) or ``onnx`` (ONNX Runtime).
+            installed, else ``channels_last``; GPU: ``eager``), ``eager`` (fp32 PyTorch),
+            ``channels_last``, ``bf16`` (autocast), ``compile`` (torch.compile) or ``onnx`` (ONNX Runtime).
         config: preprocessing for a network passed in memory (a checkpoint brings its own); defaults
             to ``Config()``, i.e. 384 x 128 with ImageNet normalisation.
         progress: a progress bar; ``None`` shows one for lists longer than a batch on a terminal.

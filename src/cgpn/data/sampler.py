@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from cgpn.config import CHOICES
 from cgpn.errors import ConfigError
 
 __all__ = ["PKSampler"]
@@ -53,7 +54,7 @@ class PKSampler(Sampler[list[int]]):
         if num_instances < 1 or batch_size % num_instances != 0:
             raise ConfigError(f"data.batch_size ({batch_size}) must be a multiple of data.num_instances "
                               f"({num_instances}): a batch is P identities x K images")
-        if epoch_mode not in ("identities", "images"):
+        if epoch_mode not in CHOICES["data.epoch_mode"]:
             raise ConfigError(f"data.epoch_mode must be identities or images, got {epoch_mode!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
-from cgpn.config import EngineConfig
+from cgpn.config import CHOICES, EngineConfig
 from cgpn.errors import ConfigError
 
 __all__ = ["DistEnv", "any_rank", "gather_across_processes", "init_distributed"]
@@ -66,7 +66,7 @@ def init_distributed(cfg: EngineConfig) -> DistEnv:
     backend = cfg.dist_backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-    if backend not in ("nccl", "gloo"):
+    if backend not in CHOICES["engine.dist_backend"][1:]:  # after auto
         raise ConfigError(f"engine.dist_backend must be auto, nccl or gloo, got {backend!r}")
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
