@@ -377,3 +377,19 @@ def test_checkpoint_folder_with_a_users_file_and_a_cut_short_save(tmp_path: Path
     assert step_checkpoints(tmp_path) == {2: folder / "step_00000002.pt"}  # step_best.pt is not a step
     assert Checkpointer(tmp_path).remove_partial_saves() == [folder / ".step_00000003.tmp.pt"]
     assert sorted(p.name for p in folder.iterdir()) == ["step_00000002.pt", "step_best.pt"]
+
+
+def test_schedule_warm_up_then_steps_by_hand() -> None:
+    """lr 0.03, 3 warm-up epochs, x0.1 at epoch 5: 0.01, 0.02, 0.03, 0.03, 0.03, 0.003, 0.003."""
+    from cgpn.engine.trainer import build_optimizer, build_scheduler
+
+    cfg = load_config(None, ["solver.lr=0.03", "solver.warmup_epochs=3", "solver.milestones=[5]",
+                             "solver.gamma=0.1"])
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    lrs = []
+    for _ in range(7):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # as in training: an epoch of steps, then the scheduler
+        scheduler.step()
+    assert lrs == pytest.approx([0.01, 0.02, 0.03, 0.03, 0.03, 0.003, 0.003])
