@@ -67,9 +67,9 @@ def filled_cache(tmp_path_factory: pytest.TempPathFactory, splits: Path) -> Path
     """A root with the real split files, a stand-in cuhk-03.mat, and an image cache that is already
     complete (empty files under every name either split file lists), so nothing is extracted."""
     root = tmp_path_factory.mktemp("cuhk03_full")
-    cache = root / "images"
-    cache.mkdir()
     for variant in ("labeled", "detected"):
+        cache = root / "images" / f"images_{variant}"  # data.cuhk03_cache=images: one folder per variant
+        cache.mkdir(parents=True)
         shutil.copy(splits / f"cuhk03_new_protocol_config_{variant}.mat", root)
         for name in read_protocol(splits / f"cuhk03_new_protocol_config_{variant}.mat").filelist:
             (cache / name).touch()
@@ -81,8 +81,9 @@ def filled_cache(tmp_path_factory: pytest.TempPathFactory, splits: Path) -> Path
 @pytest.mark.parametrize("variant", ["labeled", "detected"])
 def test_reader_gives_official_counts_from_real_split(filled_cache: Path, variant: str) -> None:
     """The whole .mat path of the reader with the real split file; verify_counts=error checks issue 4's counts."""
-    cache = filled_cache / "images"
-    ds = CUHK03(filled_cache, labeled=variant == "labeled", cache_dir=cache, verify_counts="error", progress=False)
+    ds = CUHK03(filled_cache, labeled=variant == "labeled", cache_dir=filled_cache / "images",
+                verify_counts="error", progress=False)
+    cache = filled_cache / "images" / f"images_{variant}"
     assert {k: subset_stats(v)[:2] for k, v in (("train", ds.train), ("query", ds.query),
                                                  ("gallery", ds.gallery))} == OFFICIAL[variant]
     first = ds.query[0]
@@ -210,3 +211,18 @@ def test_mat_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"found cuhk-03.mat but not the split file "
                                            r"cuhk03_new_protocol_config_labeled.mat"):
         CUHK03(tmp_path / "a", progress=False)
+
+
+def test_one_cache_setting_keeps_labeled_and_detected_apart(tmp_path: Path) -> None:
+    """Both variants name their files alike (P_PPP_C_II.png): read labeled, detected, labeled again through
+    one data.cuhk03_cache, and each still gets its own boxes."""
+    root = tmp_path / "root"
+    cuhk03_official_tree(root)
+    cache = tmp_path / "cache"
+    for variant in ("labeled", "detected", "labeled"):
+        ds = CUHK03(root, labeled=variant == "labeled", cache_dir=cache, verify_counts="ignore", progress=False)
+        assert ds.dataset_dir == cache / f"images_{variant}"
+        for s in ds.query:
+            pair, person, _, image = (int(x) for x in Path(s.path).stem.split("_"))
+            np.testing.assert_array_equal(np.asarray(Image.open(s.path)),
+                                          cuhk03_image(variant, pair - 1, person - 1, image - 1))

@@ -37,3 +37,16 @@ def test_a_folder_as_output_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     folder.mkdir()
     line = error_line(cli(capsys, "show", "--curves", str(run_dir), "--out", str(folder)))
     assert line == f"cgpn show: error: expected a file name, got a folder: '{folder}'"
+
+
+def test_a_written_file_has_the_usual_permissions(tmp_path: Path) -> None:
+    """Like open(): 0o666 less the umask (temporary files start at 0o600; a shared folder needs better)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "f.npz") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.npz").stat().st_mode & 0o777 == 0o644

@@ -324,3 +324,43 @@ def test_cuda_stays_on_gpu_and_agrees():
     rc = evaluate(pairwise_distance(qf, gf), *labels)
     np.testing.assert_allclose(rf.ap, rc.ap, atol=1e-12)
     np.testing.assert_array_equal(rf.first_match, rc.first_match)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_pairwise_distance_equals_scipy(metric):
+    """Against scipy's cdist (on unit-length rows for cosine, SPEC 8), in float64."""
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(3)
+    qf, gf = rng.standard_normal((7, 12)), 3 * rng.standard_normal((30, 12))
+    a, b = (qf / np.linalg.norm(qf, axis=1, keepdims=True), gf / np.linalg.norm(gf, axis=1, keepdims=True)) \
+        if metric == "cosine" else (qf, gf)
+    np.testing.assert_allclose(pairwise_distance(qf, gf, metric).numpy(), cdist(a, b), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_features_are_ranked_in_float32(dtype):
+    """Half-precision features (e.g. from autocast) are widened before the distances are taken: the result
+    is that of the same values in float32, not of distances rounded to 8-11 bits."""
+    rng = np.random.default_rng(4)
+    qf = torch.from_numpy(rng.standard_normal((40, 64)).astype(np.float32)).to(dtype)
+    gf = torch.from_numpy(rng.standard_normal((400, 64)).astype(np.float32)).to(dtype)
+    q_pids, g_pids = rng.integers(0, 20, 40), rng.integers(0, 20, 400)
+    q_cams, g_cams = np.zeros(40, int), np.ones(400, int)
+    got = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams)
+    want = evaluate_features(qf.float(), gf.float(), q_pids, g_pids, q_cams, g_cams)
+    np.testing.assert_array_equal(got.ap, want.ap)
+    assert pairwise_distance(qf, gf.double()).dtype == torch.float64  # mixed: the wider type
+
+
+def test_nan_features_or_distances_are_one_clear_error():
+    qf, gf = np.ones((2, 4)), np.ones((3, 4))
+    qf[1, 2] = np.nan
+    with pytest.raises(DatasetError, match="query features contain NaN"):
+        evaluate_features(qf, gf, [1, 2], [1, 2, 3], [0, 0], [1, 1, 1])
+    d = np.full((2, 3), 0.5)
+    d[0, 1] = np.nan
+    with pytest.raises(DatasetError, match="distmat contains NaN"):
+        evaluate(d, [1, 2], [1, 2, 3], [0, 0], [1, 1, 1])
+    with pytest.raises(ConfigError, match="ranks count from 1, got rank 0"):
+        evaluate(np.full((1, 2), 0.5), [1], [1, 2], [0], [1, 1]).rank(0)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.spatial.distance import cdist
 
 from cgpn.config import Config, apply_overrides
 from cgpn.engine import evaluation
@@ -32,8 +33,16 @@ def clustered(seed: int, nq: int, ng: int, dim: int, ids: int):
     return x[:nq], x[nq:], pids[:nq], pids[nq:], cams[:nq], cams[nq:]
 
 
+def scipy_distance(a, b, metric="cosine"):
+    """The distances by an independent route: scipy's cdist, on unit-length rows for ``cosine`` (SPEC 8)."""
+    a, b = (np.asarray(x, dtype=np.float64) for x in (a, b))
+    if metric == "cosine":
+        a, b = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (a, b))
+    return cdist(a, b).astype(np.float32)
+
+
 def reference(re_ranking, qf, gf, k1, k2, lam, metric="cosine"):
-    dist = [pairwise_distance(a, b, metric).numpy() for a, b in ((qf, gf), (qf, qf), (gf, gf))]
+    dist = [scipy_distance(a, b, metric) for a, b in ((qf, gf), (qf, qf), (gf, gf))]
     return re_ranking(*dist, k1=k1, k2=k2, lambda_value=lam)
 
 
@@ -44,6 +53,8 @@ def reference(re_ranking, qf, gf, k1, k2, lam, metric="cosine"):
     (3, 40, 300, 16, 30, 9, 1, 0.0, 512),  # k2 = 1: no query expansion; lambda 0: Jaccard only
     (4, 3, 12, 8, 4, 20, 6, 0.3, 512),  # fewer items than k1 + 1
     (5, 1, 64, 8, 8, 20, 6, 1.0, 512),  # a single query; lambda 1: original distance only
+    (7, 10, 100, 16, 10, 4, 6, 0.3, 512),  # k2 > k1 + 1: the query expansion reaches past the k1 lists
+    (8, 20, 150, 16, 15, 3, 30, 0.3, 0.1),  # ... far past, in small tiles
 ])
 def test_equals_fastreid(re_ranking, seed, nq, ng, dim, ids, k1, k2, lam, memory_mb):
     qf, gf, q_pids, g_pids, q_cams, g_cams = clustered(seed, nq, ng, dim, ids)

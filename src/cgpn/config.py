@@ -86,7 +86,7 @@ class DataConfig:
     on_bad_image: str = "skip"  # a corrupt training image: skip (use another of that id, count it) | stop; eval always stops
     verify_counts: str = "warn"  # a copy whose sizes differ from the official release: warn | error | ignore
     cuhk03_labeled: bool = True  # CUHK03 boxes: labeled (the paper) or detected (false)
-    cuhk03_cache: str = ""  # folder for images extracted from cuhk-03.mat; "" = images_{labeled,detected}/ as torchreid
+    cuhk03_cache: str = ""  # where images_{labeled,detected}/ extracted from cuhk-03.mat go; "" = as torchreid
     msmt17_train_val: bool = True  # MSMT17 train = list_train + list_val (official 32,621); false: list_train only
     folder_camera_regex: str = r"_c(\d+)"  # folder set: camera = first group, searched in the path inside the id folder
     folder_csv: str = ""  # folder set: CSV of path,pid,camid[,subset] rows instead of scanning (relative to root)

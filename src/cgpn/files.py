@@ -11,7 +11,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "new_file_mode"]
+
+
+def new_file_mode() -> int:
+    """The permissions ``open()`` would give a new file (0o666 less the umask): temporary files are made
+    0o600, and a renamed one would otherwise stay unreadable to the other users of a shared folder."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -27,6 +35,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OSError as err:  # named after the file the user asked for, not the temporary one
         raise type(err)(err.errno, f"cannot write a file there ({err.strerror})", str(path)) from None
     os.close(fd)
+    os.chmod(tmp, new_file_mode())
     try:
         yield Path(tmp)
         fd = os.open(tmp, os.O_RDONLY)

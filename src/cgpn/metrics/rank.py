@@ -15,8 +15,8 @@ i.e. how many items lie before each match. On the CPU each query row keeps only 
 farthest true match (one comparison per item; for a trained network a few dozen survive), which NumPy
 sorts; on a GPU the whole block of rows is sorted by value. The match distances are then located with a
 binary search, and the same-identity items that precede a match (other matches, same-camera images) are
-subtracted. No index sort of whole rows is done; memory is bounded by the block of queries. Everything
-stays in torch on the tensors' device (a CUDA distance matrix stays on the GPU).
+subtracted. No index sort of whole rows is done; memory is bounded by the block of queries. A CUDA
+distance matrix stays on the GPU.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ class RankResult:
     ap_mode: str = "standard"
 
     def rank(self, k: int) -> float:
-        """CMC at rank k (1-based)."""
+        """CMC at rank k (1-based; past the end of the curve, its last value)."""
+        if k < 1:
+            raise ConfigError(f"ranks count from 1, got rank {k}")
         return float(self.cmc[min(k, len(self.cmc)) - 1])
 
     def summary(self) -> str:
@@ -88,6 +90,23 @@ def _float(t: torch.Tensor) -> torch.Tensor:
     if t.dtype in (torch.float32, torch.float64):
         return t
     return t.to(torch.float64 if not t.is_floating_point() else torch.float32)
+
+
+def _features(qf: object, gf: object, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and gallery features as (num, dim) matrices of one float dtype, at least float32 (half
+    precision would round the distances), on ``qf``'s device, L2-normalised for ``cosine``."""
+    qf = _tensor(qf)
+    gf = _tensor(gf, qf.device)
+    if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1]:
+        raise DatasetError(f"features must be (num, dim) matrices of the same dim, got query {tuple(qf.shape)} "
+                           f"and gallery {tuple(gf.shape)}")
+    dtype = torch.float64 if torch.float64 in (qf.dtype, gf.dtype) else torch.float32
+    qf, gf = qf.to(dtype), gf.to(dtype)
+    for name, x in (("query", qf), ("gallery", gf)):
+        if not bool(torch.isfinite(x).all()):
+            raise DatasetError(f"{name} features contain NaN or infinite values (a diverged network or a "
+                               f"corrupt features file)")
+    return _prepare(qf, metric), _prepare(gf, metric)
 
 
 def _labels(name: str, x: object, size: int, what: str, device: torch.device) -> torch.Tensor:
@@ -186,8 +205,6 @@ def _rank_block(d: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor,
     """
     cols, same = gallery.same_identity(q_pids)  # (B, K) same-identity items of each query, cols ascending
     s_val = d.gather(1, cols)
-    if bool(torch.isnan(s_val[same]).any()):
-        raise ValueError("distances between a query and its identity's gallery images contain NaN")
     match = same & (gallery.cams[cols] != q_camids[:, None])
     n = match.sum(1)
 
@@ -293,8 +310,12 @@ def evaluate(distmat: object, q_pids: object, g_pids: object, q_camids: object, 
     d = _float(_tensor(distmat))
     if d.dim() != 2:
         raise DatasetError(f"distmat must be a (num_query, num_gallery) matrix, got shape {tuple(d.shape)}")
+    if bool(torch.isnan(d).any()):  # NaN has no place in a ranking
+        raise DatasetError("distmat contains NaN (features with NaN values, e.g. from a diverged network)")
     num_q, num_g = d.shape
-    block = _block_rows(memory_mb, 3 * num_g * d.element_size() + 64)  # rows, sorted rows, junk-free copy
+    # a block's rows, a junk-free copy and sorted values, plus the sort's int64 indices on the GPU path
+    per_row = (3 * d.element_size() + (8 if _sorts_whole_rows(d.device) else 0)) * num_g + 64
+    block = _block_rows(memory_mb, per_row)
     return _evaluate_blocks(lambda s, e: d[s:e], num_q, num_g, q_pids, g_pids, q_camids, g_camids,
                             d.device, block, max_rank, ap_mode)
 
@@ -314,8 +335,7 @@ def _distance(qf: torch.Tensor, gf: torch.Tensor, g_sq: torch.Tensor, out: torch
 def pairwise_distance(qf: object, gf: object, metric: str = "cosine") -> torch.Tensor:
     """(num_query, num_gallery) distances: Euclidean between L2-normalised features (``cosine``, SPEC 8)
     or between raw ones (``euclidean``). NumPy or torch inputs; the result is on ``qf``'s device."""
-    qf = _prepare(_tensor(qf), metric)
-    gf = _prepare(_tensor(gf, qf.device), metric)
+    qf, gf = _features(qf, gf, metric)
     return _distance(qf, gf, (gf * gf).sum(1))
 
 
@@ -325,17 +345,12 @@ def evaluate_features(qf: object, gf: object, q_pids: object, g_pids: object, q_
     """``evaluate(pairwise_distance(qf, gf, metric), ...)`` without the whole distance matrix.
 
     Distances are computed for one block of queries at a time against the whole gallery, so memory stays
-    within ``memory_mb`` beyond the features themselves: galleries far larger than Market-1501 (e.g.
-    100k x 1M) run on a GPU or, in blocks, on the CPU. Arguments as in ``evaluate``; ``qf`` (Q, D) and
+    within ``memory_mb`` beyond the features themselves and one normalised copy of them: galleries far
+    larger than Market-1501 run on a GPU or, in blocks, on the CPU. Arguments as in ``evaluate``; ``qf`` (Q, D) and
     ``gf`` (G, D) are NumPy arrays or tensors, computed on ``qf``'s device.
     """
     _check_settings(max_rank, ap_mode)
-    qf = _tensor(qf)
-    qf = _prepare(qf if qf.is_floating_point() else qf.float(), metric)
-    gf = _prepare(_tensor(gf, qf.device).to(qf.dtype), metric)
-    if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1]:
-        raise DatasetError(f"features must be (num, dim) matrices of the same dim, got query {tuple(qf.shape)} "
-                           f"and gallery {tuple(gf.shape)}")
+    qf, gf = _features(qf, gf, metric)
     g_sq = (gf * gf).sum(1)
     block = max(1, min(qf.shape[0], _block_rows(memory_mb, 4 * gf.shape[0] * qf.element_size() + 64)))
     buffer = torch.empty(block * gf.shape[0], dtype=qf.dtype, device=qf.device)  # reused by every block

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 import torch
 
 from cgpn.errors import ConfigError, DatasetError
-from cgpn.metrics.rank import _prepare, _tensor
+from cgpn.metrics.rank import _features
 
 __all__ = ["rerank"]
 
@@ -258,20 +258,20 @@ def rerank(qf: object, gf: object, k1: int = 20, k2: int = 6, lambda_value: floa
         (5, 40)
     """
     _check(k1, k2, lambda_value)
-    qf = _tensor(qf)
-    qf = _prepare(qf.float(), metric)
-    gf = _prepare(_tensor(gf, qf.device).float(), metric)
-    if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1] or len(qf) == 0 or len(gf) == 0:
-        raise DatasetError(f"features must be non-empty (num, dim) matrices of the same dim, got query "
-                           f"{tuple(qf.shape)} and gallery {tuple(gf.shape)}")
+    qf, gf = (x.float() for x in _features(qf, gf, metric))
+    if len(qf) == 0 or len(gf) == 0:
+        raise DatasetError(f"features must be non-empty, got query {tuple(qf.shape)} and gallery {tuple(gf.shape)}")
     if not memory_mb > 0:
         raise ConfigError(f"test.memory_mb must be a positive number of megabytes (e.g. 512), got {memory_mb!r}")
     f = torch.cat([qf, gf])
     n, nq = len(f), len(qf)
     budget = int(memory_mb * 2**20)
     tile = max(1, min(2048, int((budget / 8) ** 0.5)) // _GROUP) * _GROUP  # a tile and its temporaries
-    best_v, best_i, row_max, out = _neighbours(f, nq, min(n, k1 + 1), tile)
-    rows, cols, sq_dist = _expanded_sets(f, best_v, best_i, k1, block=min(512, max(1, budget // (n + 8192))),
+    # k1 + 1 neighbours make the reciprocal sets; the query expansion averages over k2 (which may be more)
+    best_v, best_i, row_max, out = _neighbours(f, nq, min(n, max(k1 + 1, k2)), tile)
+    width = min(n, k1 + 1)
+    rows, cols, sq_dist = _expanded_sets(f, best_v[:, :width], best_i[:, :width], k1,
+                                         block=min(512, max(1, budget // (n + 8192))),
                                          chunk=max(1, budget // (16 * f.shape[1])))
     v = _sparse_v(rows, cols, sq_dist, row_max, best_i, k2)
     del best_v, best_i, rows, cols, sq_dist

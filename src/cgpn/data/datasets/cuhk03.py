@@ -8,7 +8,7 @@ Two forms are read, labeled (hand-drawn boxes, the paper's choice) or detected (
     ``cuhk03_new_protocol_config_{labeled,detected}.mat`` (MATLAB v5: ``filelist`` names
     ``P_PPP_C_II.png`` = pair, person, camera, image; ``labels``; ``camId``; 1-based ``train_idx``,
     ``query_idx``, ``gallery_idx``). The images are written once as PNG files under those names into
-    a cache folder (``images_labeled/`` beside ``cuhk03_release/`` as torchreid does, or
+    a cache folder (``images_labeled/`` beside ``cuhk03_release/`` as torchreid does, or under
     ``data.cuhk03_cache``), once: a folder that already holds every listed image is reused;
 (b) the Market-style release ``cuhk03-np/{labeled,detected}/{bounding_box_train,query,bounding_box_test}``
     with names like ``0001_c1_1.png`` (pid = the protocol's label, camera 1 or 2).
@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from cgpn.data.datasets.base import MarketLayoutDataset, ReidDataset, Sample, describe_folder, relabel
 from cgpn.errors import DatasetError
+from cgpn.files import new_file_mode
 
 __all__ = ["CUHK03", "CUHK03Protocol", "extract_cuhk03_images", "read_protocol"]
 
@@ -140,7 +141,7 @@ def extract_cuhk03_images(mat_path: Path, variant: str, out_dir: Path, progress:
             jobs += [(pair, person, image, refs[image, person])
                      for person in range(refs.shape[1]) for image in range(10)]
         out_dir.mkdir(parents=True, exist_ok=True)
-        names = []
+        names, mode = [], new_file_mode()
         for pair, person, image, ref in tqdm(jobs, desc=f"extract {variant}", unit="img", disable=not progress):
             pixels = np.asarray(mat[ref])
             if pixels.ndim != 3 or pixels.size == 0:  # an empty cell: MATLAB stores [0 0]
@@ -148,6 +149,7 @@ def extract_cuhk03_images(mat_path: Path, variant: str, out_dir: Path, progress:
             name = f"{pair + 1}_{person + 1:03d}_{1 if image < 5 else 2}_{image + 1:02d}.png"
             # a name of this process's own: under torchrun every process may extract at once (same bytes)
             fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+            os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as f:
                 Image.fromarray(np.ascontiguousarray(pixels.transpose(2, 1, 0)).astype(np.uint8)).save(f, format="PNG")
             os.replace(tmp, out_dir / name)
@@ -198,7 +200,9 @@ class CUHK03(ReidDataset):
         else:
             mat_path, config_path = self._find_mat_files(root)
             protocol = read_protocol(config_path)  # checked before anything is written
-            image_dir = Path(cache_dir).expanduser() if cache_dir else self.default_cache(mat_path, self.variant)
+            # one folder per variant: the two use the same file names for different boxes
+            image_dir = (Path(cache_dir).expanduser() / f"images_{self.variant}" if cache_dir
+                         else self.default_cache(mat_path, self.variant))
             names = set(os.listdir(image_dir)) if image_dir.is_dir() else set()
             if not names.issuperset(protocol.filelist):  # extract once; a finished cache is reused
                 names |= extract_cuhk03_images(mat_path, self.variant, image_dir, progress=progress)

@@ -5,8 +5,8 @@ Layouts (``root`` = ``data.root``):
 - ``root/<identity>/<image>``: every identity folder holds its images (sub-folders allowed, e.g.
   ``person_7/cam2/0001.jpg``). The camera is the first group of ``camera_regex`` searched in the
   path inside the identity folder (default ``_c(\\d+)``: ``0007_c2_0001.jpg`` -> camera 2). The split
-  is made reproducibly: a fraction ``test_ids`` of the identities, picked by a hash of (seed, name),
-  goes to test; each test identity gives one query image per camera, as long as a gallery image from
+  is made reproducibly: an identity goes to test when a hash of (seed, name) falls in the fraction
+  ``test_ids`` of the hash range (so about that fraction of the identities, at least one); each test identity gives one query image per camera, as long as a gallery image from
   another camera remains, and the rest to the gallery. Adding an identity does not move the others.
 - ``root/{train,query,gallery}/<identity>/<image>``: the split is given.
 - a CSV file (``csv``; relative to ``root`` or absolute) of rows ``path,pid,camid`` with an optional
@@ -62,8 +62,13 @@ def make_split(images: list[_Image], test_ids: float, seed: int) -> dict[str, li
     by_id: dict[str, list[_Image]] = defaultdict(list)
     for image in images:
         by_id[image[1]].append(image)
+    if len(by_id) < 2:
+        raise DatasetError(f"a split needs at least 2 identities (one to train on, one to test), found "
+                           f"{len(by_id)}: {', '.join(by_id) or 'none'}")
     names = sorted(by_id, key=lambda n: (_hash(seed, n), n))
-    n_test = min(len(names) - 1, max(1, round(test_ids * len(names))))
+    # an identity is for testing when its hash falls below the fraction: adding identities never moves
+    # another one (a count taken from the sorted list would); at least one of each kind
+    n_test = min(len(names) - 1, max(1, sum(_hash(seed, n) < test_ids * 2**32 for n in names)))
     split: dict[str, list[_Image]] = {s: [] for s in SPLIT_DIRS}
     for name in names[n_test:]:
         split["train"] += by_id[name]
