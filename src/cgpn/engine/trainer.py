@@ -418,6 +418,10 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
         metrics = MetricsWriter(out, e.tensorboard, start_step=state.get("step", 0) if state else 0)
     logger.info("training on %s: %d process(es), precision %s, %s%s", device, env.world_size, precision.name,
                 "channels_last" if e.channels_last else "contiguous", ", torch.compile" if e.compile else "")
+    if env.distributed:  # data.batch_size is per process: say what a step and an epoch are
+        logger.info("%d images per step (data.batch_size %d x %d processes), %d steps per epoch; the paper's "
+                    "recipe is 64 images per step", cfg.data.batch_size * env.world_size, cfg.data.batch_size,
+                    env.world_size, len(loader))
 
     trainer = Trainer(model, train_model, criterion, optimizer, scheduler, loader, device, precision,
                       cfg.solver.epochs, env, channels_last=e.channels_last,

@@ -65,6 +65,9 @@ class MSMT17(ReidDataset):
                                f"folder that holds MSMT17_V1/ or MSMT17_V2/)")
         for base in (root, root / "msmt17", root / "MSMT17"):
             found = [(base / v, dirs) for v, dirs in VERSIONS.items() if (base / v).is_dir()]
+            if len(found) > 1:  # which one the user means is not ours to guess
+                raise DatasetError(f"'{base}' holds both {' and '.join(v + '/' for v in VERSIONS)}; set data.root to "
+                                   f"the one to use, e.g. {base / 'MSMT17_V2'}")
             found += [(base, dirs) for dirs in VERSIONS.values() if any((base / d).is_dir() for d in dirs)]
             if found:
                 candidate, dirs = found[0]
