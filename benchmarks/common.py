@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # fastreid_ref: fast-reid's evaluators loaded as references
+sys.path.insert(0, str(ROOT / "tests"))  # fastreid_ref (fast-reid's evaluators as references), _memory
+
+from _memory import reset_peak, status_bytes  # noqa: E402  (from tests/, on the path just above)
 
 NUM_IDS, NUM_CAMS, NUM_QUERY, NUM_GALLERY_IDS, NUM_DISTRACTORS = 751, 6, 3368, 13115, 2798
 
@@ -86,14 +88,6 @@ def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
-def _status(field: str) -> int:
-    """A /proc/self/status memory field in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
     """Peak memory above the starting point inside the block, in bytes (``out["peak"]``): resident set of
@@ -107,10 +101,9 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         torch.cuda.synchronize(device)
         out["peak"] = torch.cuda.max_memory_allocated(device) - start
         return
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-    start = _status("VmRSS")
+    start = reset_peak()
     yield out
-    out["peak"] = _status("VmHWM") - start
+    out["peak"] = status_bytes("VmHWM") - start
 
 
 def timed(fn, repeat: int, device: torch.device) -> tuple[float, object]:

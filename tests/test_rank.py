@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import cgpn.metrics.rank as rank_mod
+from _memory import HAS_PROC, peak_above_start
 from cgpn.errors import ConfigError, DatasetError
 from cgpn.metrics.rank import evaluate, evaluate_features, pairwise_distance
 from fastreid_ref import build_rank_cy, load_rank
@@ -260,19 +261,7 @@ def test_user_errors():
         pairwise_distance(np.ones((2, 4)), np.ones((3, 4)), metric="manhattan")
 
 
-def _rss_peak_above_start(fn) -> int:
-    """Peak resident memory (bytes) above the starting point while ``fn`` runs (Linux high-water mark)."""
-    def field(name: str) -> int:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(name))
-        return int(line.split()[1]) * 1024
-
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
-    start = field("VmRSS")
-    fn()
-    return field("VmHWM") - start
-
-
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.skipif(not HAS_PROC, reason="needs Linux /proc")
 def test_blockwise_memory_is_bounded():
     # 1,000 x 30,000: the whole distance matrix would be 120 MB; blocks of 8 MB must stay far below
     rng = np.random.default_rng(0)
@@ -281,12 +270,11 @@ def test_blockwise_memory_is_bounded():
     q_pids, g_pids = rng.integers(0, 300, 1000), rng.integers(0, 300, 30000)
     q_cams, g_cams = rng.integers(0, 6, 1000), rng.integers(0, 6, 30000)
     evaluate_features(qf[:20], gf, q_pids[:20], g_pids, q_cams[:20], g_cams, memory_mb=8)  # warm up
-    peak = _rss_peak_above_start(
-        lambda: evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, memory_mb=8))
+    peak, _ = peak_above_start(lambda: evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, memory_mb=8))
     assert peak < 40 * 2**20, f"peak {peak / 2**20:.0f} MB"
     distmat = pairwise_distance(qf[:300], gf).numpy()  # 36 MB, not copied by evaluate
-    peak = _rss_peak_above_start(lambda: evaluate(distmat, q_pids[:300], g_pids, q_cams[:300], g_cams,
-                                                  memory_mb=8))
+    peak, _ = peak_above_start(lambda: evaluate(distmat, q_pids[:300], g_pids, q_cams[:300], g_cams,
+                                                memory_mb=8))
     assert peak < 24 * 2**20, f"peak {peak / 2**20:.0f} MB"
 
 

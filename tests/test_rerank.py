@@ -3,13 +3,12 @@ and the CLI, and its memory bound."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import cdist
 
+from _memory import HAS_PROC, peak_above_start
 from cgpn.config import Config, apply_overrides
 from cgpn.engine import evaluation
 from cgpn.errors import ConfigError
@@ -115,21 +114,14 @@ def test_cli_rerank_flag_is_the_setting():
     assert apply_overrides(Config(), _shorthands(build_parser().parse_args(["eval"]))).test.rerank is False
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.skipif(not HAS_PROC, reason="needs Linux /proc")
 def test_memory_is_bounded():
     # 1,000 queries x 7,000 gallery: the reference code's dense (8,000 x 8,000) matrices would take
     # about 1.3 GB; cgpn needs the 28 MB output, a copy of the features and small blocks
     qf, gf, *_ = clustered(9, 1000, 7000, 32, 500)
     rerank(qf[:10], gf[:300], memory_mb=8)  # warm up
 
-    def field(name: str) -> int:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(name))
-        return int(line.split()[1]) * 1024
-
-    Path("/proc/self/clear_refs").write_text("5")
-    start = field("VmRSS")
-    out = rerank(qf, gf, memory_mb=8)
-    peak = field("VmHWM") - start
+    peak, out = peak_above_start(lambda: rerank(qf, gf, memory_mb=8))
     assert out.shape == (1000, 7000)
     assert peak < 96 * 2**20, f"peak {peak / 2**20:.0f} MB"
 
