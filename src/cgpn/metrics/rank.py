@@ -21,6 +21,7 @@ distance matrix stays on the GPU.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -120,7 +121,7 @@ def _labels(name: str, x: object, size: int, what: str, device: torch.device) ->
 def _check_settings(max_rank: int, ap_mode: str) -> None:
     if ap_mode not in AP_MODES:
         raise ConfigError(f"test.ap_mode must be one of {', '.join(AP_MODES)} (e.g. standard), got {ap_mode!r}")
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+    if isinstance(max_rank, bool) or not isinstance(max_rank, numbers.Integral) or max_rank < 1:  # np.int64 too
         raise ConfigError(f"test.max_rank must be a positive integer (e.g. 50), got {max_rank!r}")
 
 

@@ -17,6 +17,8 @@ a copy of the features and bounded working blocks; tiles run on the features' de
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -28,7 +30,7 @@ __all__ = ["rerank"]
 
 def _check(k1: int, k2: int, lambda_value: float) -> None:
     for name, v in (("test.rerank_k1", k1), ("test.rerank_k2", k2)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:  # np.int64 too
             raise ConfigError(f"{name} must be a positive integer (e.g. 20 for k1, 6 for k2), got {v!r}")
     if not 0.0 <= lambda_value <= 1.0:
         raise ConfigError(f"test.rerank_lambda must be within [0, 1] (e.g. 0.3), got {lambda_value!r}")
