@@ -176,3 +176,39 @@ def test_two_gloo_processes_train_in_sync(tiny_synth: Path, tmp_path: Path) -> N
     # both ranks backpropagate the same loss, so each holds twice the gradient w.r.t. its own features;
     # DDP's averaging over the 2 ranks then gives the gradient of the one big batch's loss
     torch.testing.assert_close(torch.cat([r0["grad"], r1["grad"]]), 2 * feats.grad, rtol=1e-5, atol=1e-7)
+
+
+def _ddp_resume_worker(rank: int, world_size: int, port: int, overrides: list[str], out: str) -> None:
+    """Resume under torchrun as on machines without a shared disk: only rank 0 may read the checkpoint."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import cgpn.engine.trainer as trainer_module
+    from cgpn.config import load_config
+
+    if rank != 0:
+        def unreadable(path):
+            raise AssertionError(f"rank {rank} read {path}: its machine need not have it")
+
+        trainer_module.load_checkpoint = unreadable
+    torch.distributed.init_process_group("gloo")
+    result = trainer_module.train(load_config(None, overrides), resume="auto")
+    torch.save({n: p.detach().clone() for n, p in result.model.named_parameters()}, f"{out}/resumed{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_resume_from_rank_0s_checkpoint(tiny_synth: Path, tmp_path: Path) -> None:
+    """Epoch 1 in one process, epoch 2 resumed by 2 gloo processes: rank 0 reads the checkpoint and sends
+    it; both ranks end identical, and trained on from the checkpoint."""
+    from cgpn.config import load_config
+    from cgpn.engine.trainer import train
+
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides(tiny_synth, run, **{"solver.epochs": 1})))
+    epoch1 = torch.load(run / "last.pt", weights_only=True)["model"]
+    overrides = tiny_overrides(tiny_synth, run, **{"solver.epochs": 2})
+    mp.start_processes(_ddp_resume_worker, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    r0, r1 = torch.load(tmp_path / "resumed0.pt"), torch.load(tmp_path / "resumed1.pt")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), "ranks drifted apart"
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+    assert sum(not torch.equal(epoch1[k], r0[k]) for k in r0) > 0.9 * len(r0)

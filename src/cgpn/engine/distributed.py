@@ -20,6 +20,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,9 @@ import torch.distributed.nn.functional as dist_fn
 from cgpn.config import CHOICES, EngineConfig
 from cgpn.errors import ConfigError
 
-__all__ = ["DistEnv", "any_rank", "gather_across_processes", "init_distributed"]
+T = TypeVar("T")
+
+__all__ = ["DistEnv", "any_rank", "from_main_process", "gather_across_processes", "init_distributed"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,15 @@ def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def from_main_process(obj: T, env: DistEnv) -> T:
+    """Rank 0's ``obj`` on every process (pickled; e.g. a checkpoint only rank 0's machine has on disk)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_across_processes(x: torch.Tensor) -> torch.Tensor:

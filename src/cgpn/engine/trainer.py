@@ -46,7 +46,13 @@ from cgpn.engine.checkpoint import (
     state_nbytes,
     step_checkpoints,
 )
-from cgpn.engine.distributed import DistEnv, any_rank, gather_across_processes, init_distributed
+from cgpn.engine.distributed import (
+    DistEnv,
+    any_rank,
+    from_main_process,
+    gather_across_processes,
+    init_distributed,
+)
 from cgpn.engine.evaluation import evaluate_model
 from cgpn.engine.events import MetricsWriter
 from cgpn.engine.hooks import (
@@ -371,8 +377,12 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
     out = Path(cfg.output_dir)
     checkpointer = Checkpointer(out, e.keep_last)
 
-    ckpt_path = find_resume_checkpoint(resume, out) if resume else None
-    state = load_checkpoint(ckpt_path) if ckpt_path else None
+    ckpt_path, state = None, None
+    if resume and env.is_main:  # rank 0 reads the checkpoint: other machines may not share its disk
+        ckpt_path = find_resume_checkpoint(resume, out)
+        state = load_checkpoint(ckpt_path) if ckpt_path else None
+    if resume:
+        ckpt_path, state = from_main_process((ckpt_path, state), env)
     _check_no_other_run(out, state)
     if env.is_main and (stale := checkpointer.remove_partial_saves()):
         logger.info("removed %d unfinished checkpoint file(s) of an interrupted save", len(stale))
