@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -14,6 +15,29 @@ SHARED = Path(os.environ.get("CGPN_SHARED", ROOT.parent / "shared"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one core per worker: two workers on two cores
+
+
+def _runs_state() -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file under the checkout's runs/ (what `make demo` writes)."""
+    state = {}
+    for folder, _, files in os.walk(ROOT / "runs"):
+        for name in files:
+            path = os.path.join(folder, name)
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(path)
+                state[path] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
+@pytest.fixture(autouse=True)
+def _checkout_runs_untouched():
+    """A test never writes the checkout's runs/: it holds the user's own runs (`make demo`), and a test that
+    depends on them passes or fails by what the working tree holds."""
+    before = _runs_state()
+    yield
+    after = _runs_state()
+    changed = sorted(set(before) ^ set(after) | {p for p in before.keys() & after.keys() if before[p] != after[p]})
+    assert not changed, f"the test wrote into the checkout's runs/: {changed[:3]}"
 
 
 @pytest.fixture(scope="session")

@@ -25,12 +25,14 @@ def test_help_lists_the_verbs():
 
 
 def test_error_is_one_line_with_exit_2_and_debug_shows_the_traceback(tmp_path):
-    result = _run("train", "--config", "configs/demo.yaml", "--set", f"data.root={tmp_path / 'missing'}")
+    result = _run("train", "--config", "configs/demo.yaml", "--set", f"data.root={tmp_path / 'missing'}",
+                  "--set", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "data root" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
-    debug = _run("--debug", "train", "--config", "configs/demo.yaml", "--set", f"data.root={tmp_path / 'missing'}")
+    debug = _run("--debug", "train", "--config", "configs/demo.yaml", "--set", f"data.root={tmp_path / 'missing'}",
+                 "--set", f"output_dir={tmp_path / 'run'}")
     assert "Traceback" in debug.stderr
 
 

@@ -301,7 +301,7 @@ def test_official_counts_on_full_copies(name: str) -> None:
 
 def test_folder_with_one_identity_cannot_be_split(tmp_path: Path) -> None:
     _people(tmp_path, ["0001"], cams=2)
-    with pytest.raises(DatasetError, match=r"a split needs at least 2 identities .* found 1: 0001"):
+    with pytest.raises(DatasetError, match=r"a test split needs at least 2 identities .* found 1: 0001"):
         FolderDataset(tmp_path)
 
 

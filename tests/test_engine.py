@@ -22,7 +22,7 @@ from cgpn.errors import CgpnError, ConfigError, TrainingDivergedError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TAGS = {"train/ce", "train/triplet", "train/mse", "train/total", "train/lr", "train/images_per_s",
-        "eval/rank1", "eval/mAP", "eval/mINP"}
+        "test/rank1", "test/mAP", "test/mINP"}
 
 
 def _torch_globals() -> tuple:
@@ -106,9 +106,9 @@ def test_csv_and_tensorboard_scalars(tiny_run) -> None:
     assert set(series) == TAGS
     assert [s for s, _, _ in series["train/total"]] == list(range(1, 9))  # engine.log_period = 1
     assert [v for _, e, v in series["train/lr"]] == [0.01] * 4 + [pytest.approx(0.001)] * 4  # milestone [1]
-    assert [(s, e) for s, e, _ in series["eval/mAP"]] == [(0, 0), (4, 1), (8, 2)]
+    assert [(s, e) for s, e, _ in series["test/mAP"]] == [(0, 0), (4, 1), (8, 2)]
     for epoch in (0, 1, 2):
-        assert series["eval/rank1"][epoch][2] == pytest.approx(result.evaluations[epoch].rank(1))
+        assert series["test/rank1"][epoch][2] == pytest.approx(result.evaluations[epoch].rank(1))
     # the epoch's mean of train/total is what TrainResult reports
     assert sum(v for _, e, v in series["train/total"] if e == 2) / 4 == pytest.approx(result.epoch_losses[1]["total"])
 
@@ -139,8 +139,8 @@ def test_resume_of_a_finished_run_restores_its_record(tiny_run, tmp_path: Path) 
     series = _csv(tiny_run.out)
     assert sorted(again.evaluations) == [0, 1, 2]
     for e in (0, 1, 2):
-        assert again.evaluations[e].mAP == pytest.approx(series["eval/mAP"][e][2], rel=1e-6)
-        assert again.evaluations[e].rank(1) == pytest.approx(series["eval/rank1"][e][2], rel=1e-6)
+        assert again.evaluations[e].mAP == pytest.approx(series["test/mAP"][e][2], rel=1e-6)
+        assert again.evaluations[e].rank(1) == pytest.approx(series["test/rank1"][e][2], rel=1e-6)
     for e in (1, 2):
         totals = [v for _, epoch, v in series["train/total"] if epoch == e]
         assert again.epoch_losses[e - 1]["total"] == pytest.approx(sum(totals) / 4, rel=1e-6)

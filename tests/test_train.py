@@ -31,7 +31,8 @@ def test_demo_config_end_to_end_through_the_cli(tiny_synth, tmp_path, capsys):
     assert main(["train", "--config", "configs/demo.yaml", "--set", f"output_dir={run}", "--set",
                  "solver.epochs=1", *common]) == 0
     out = capsys.readouterr().out
-    assert "untrained: Rank-1" in out and "trained (epoch 1): Rank-1" in out
+    assert "untrained, test split: Rank-1" in out and "trained (epoch 1), test split: Rank-1" in out
+    assert "selected on the test split" in out  # no validation split: best.pt is flagged, last.pt is the result
     png = tmp_path / "ranks.png"
     assert main(["show", "--checkpoint", str(run / "last.pt"), "--out", str(png), "--num-queries", "3",
                  "--topk", "5", "--set", "data.workers=0"]) == 0

@@ -80,20 +80,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.validate()
     else:
         cfg = _config(args)  # a mistake in the settings shows before torch loads
+    from cgpn.engine.evaluation import SPLIT_NAMES
     from cgpn.engine.trainer import train
 
     result = train(cfg, resume=args.resume, finetune=args.finetune)
     if result.rank != 0:  # under torchrun, rank 0 reports
         return 0
+    where = SPLIT_NAMES[result.split]
     if 0 in result.evaluations:
-        print(f"untrained: {result.evaluations[0].summary()}")
+        print(f"untrained, {where}: {result.evaluations[0].summary()}")
     last = max(result.evaluations) if result.evaluations else None
     if last:
-        print(f"trained (epoch {last}): {result.evaluations[last].summary()}")
+        print(f"trained (epoch {last}), {where}: {result.evaluations[last].summary()}")
     print(f"checkpoint: {result.checkpoint}" if result.checkpoint.is_file() else
           "no checkpoint: nothing was trained (solver.epochs=0)")
-    if result.best_checkpoint:
-        print(f"best (mAP): {result.best_checkpoint}")
+    if result.split == "val":
+        if result.best_checkpoint:
+            print(f"best (validation mAP): {result.best_checkpoint}")
+        if result.test is not None:
+            print(f"test split, evaluated once, best.pt (epoch {result.test_epoch}): {result.test.summary()}")
+    elif result.best_checkpoint:
+        print(f"best.pt: {result.best_checkpoint} was selected on the test split (optimistic; last.pt is the "
+              f"result; set data.val_ids to select on held-out training identities)")
     return 0
 
 
@@ -106,7 +114,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cgpn.data.datasets import dataset_from_config
     from cgpn.data.occlusion import parse_rates
     from cgpn.engine.checkpoint import build_model_from_config
-    from cgpn.engine.evaluation import evaluate_model
+    from cgpn.engine.evaluation import SPLIT_NAMES, evaluate_model
     from cgpn.engine.inference import resolve_device
     from cgpn.engine.robustness import evaluate_occlusion, occlusion_table
     from cgpn.viz import plot_occlusion
@@ -118,11 +126,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.checkpoint:  # the untrained network of a config: what training starts from
         model = build_model_from_config(cfg, dataset.num_train_pids)
     device = resolve_device(cfg.engine.device)
+    query, gallery = dataset.split(args.split)
+    where = (f"{SPLIT_NAMES[args.split]} of {cfg.data.dataset} ({len(query)} query, {len(gallery)} gallery "
+             f"images)")
     if not rates:
-        print(evaluate_model(model.to(device), dataset, cfg, device).summary())
+        print(f"{where}: {evaluate_model(model.to(device), dataset, cfg, device, args.split).summary()}")
         return 0
-    results = evaluate_occlusion(model.to(device), dataset, cfg, device, rates)
-    print(f"clean queries: {results[0.0].summary()}")
+    results = evaluate_occlusion(model.to(device), dataset, cfg, device, rates, args.split)
+    print(f"{where}, clean queries: {results[0.0].summary()}")
     print(f"query images occluded (a rectangle anywhere in the box, or a top/bottom cut), seed {cfg.engine.seed}:")
     print(occlusion_table(results))
     plot = Path(args.plot) if args.plot else (Path(args.checkpoint).parent if args.checkpoint
@@ -350,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("eval", parents=[common],
                          help="CMC / mAP / mINP of a checkpoint (or of an untrained config)")
     p.add_argument("--checkpoint", help="a checkpoint written by cgpn train; without it, the untrained network")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="test (default) or val: the validation split held out of the training identities "
+                   "(data.val_ids; the checkpoint's own setting)")
     _add_rerank_arg(p)
     p.add_argument("--occlude", metavar="RATES", help="also evaluate with that fraction of each query image hidden "
                    "(comma-separated, e.g. 0.1,0.2,0.3,0.4): a table and a plot")

@@ -92,6 +92,11 @@ class DataConfig:
     folder_csv: str = ""  # folder set: CSV of path,pid,camid[,subset] rows instead of scanning (relative to root)
     folder_test_ids: float = 0.5  # folder set without a given split: fraction of identities used for testing
     folder_split_seed: int = 0  # folder set: seed of the made split (independent of engine.seed)
+    # Model selection without the test set: training identities held out as a validation query/gallery,
+    # a fraction (< 1) or a count (>= 1), chosen by a hash of their names; 0 = none. When set, periodic
+    # evaluations and best.pt use it and the test split is evaluated once, at the end.
+    val_ids: float = 0.0
+    val_seed: int = 0  # seed of the validation split's hash (independent of engine.seed: seeds share it)
 
 
 @dataclass
@@ -189,6 +194,9 @@ class Config:
                     bound = (f"{'>' if strict else '>='} {low:g}" if high is None
                              else f"between {low:g} and {high:g}")
                     raise ConfigError(f"config key '{where}' must be {bound}, got {v:g}")
+        if self.data.val_ids >= 1 and self.data.val_ids != int(self.data.val_ids):
+            raise ConfigError(f"config key 'data.val_ids' must be a fraction below 1 or a whole count of "
+                              f"identities, got {self.data.val_ids:g}")
         if self.solver.optimizer == "sgd" and self.solver.nesterov and self.solver.momentum == 0:
             raise ConfigError("solver.nesterov=true needs solver.momentum > 0 (Nesterov momentum without momentum)")
         return self
@@ -232,6 +240,7 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "data.pad": (0, None, False),
     "data.test_batch_size": (1, None, False),
     "data.folder_test_ids": (0, 1, False),
+    "data.val_ids": (0, None, False),
     "solver.lr": (0, None, True),
     "solver.momentum": (0, 1, False),
     "solver.weight_decay": (0, None, False),

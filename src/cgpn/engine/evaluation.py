@@ -14,7 +14,7 @@ from cgpn.data.loader import build_test_loader
 from cgpn.engine.inference import extract_features
 from cgpn.metrics.rank import RankResult, evaluate, evaluate_features, pairwise_distance
 
-__all__ = ["TestFeatures", "evaluate_model", "rank_test_features", "ranking_distances", "test_features"]
+__all__ = ["SPLIT_NAMES", "TestFeatures", "evaluate_model", "rank_test_features", "ranking_distances", "test_features"]
 
 
 @dataclass
@@ -29,12 +29,15 @@ class TestFeatures:
     g_camids: np.ndarray
 
 
-def test_features(model: nn.Module, dataset: ReidDataset, cfg: Config, device: torch.device) -> TestFeatures:
-    """Features of the query and gallery images, with their identities and cameras."""
-    qf, q_pids, q_camids = extract_features(model, build_test_loader(dataset.query, cfg.data), device,
-                                            flip=cfg.test.flip, desc="query")
-    gf, g_pids, g_camids = extract_features(model, build_test_loader(dataset.gallery, cfg.data), device,
-                                            flip=cfg.test.flip, desc="gallery")
+def test_features(model: nn.Module, dataset: ReidDataset, cfg: Config, device: torch.device,
+                  split: str = "test") -> TestFeatures:
+    """Features of the query and gallery images of ``split`` (``test``, or ``val``: the validation split
+    held out of the training identities), with their identities and cameras."""
+    query, gallery = dataset.split(split)
+    qf, q_pids, q_camids = extract_features(model, build_test_loader(query, cfg.data), device,
+                                            flip=cfg.test.flip, desc=f"{split} query")
+    gf, g_pids, g_camids = extract_features(model, build_test_loader(gallery, cfg.data), device,
+                                            flip=cfg.test.flip, desc=f"{split} gallery")
     return TestFeatures(qf, gf, q_pids, g_pids, q_camids, g_camids)
 
 
@@ -62,6 +65,10 @@ def rank_test_features(t: TestFeatures, cfg: Config, distmat: torch.Tensor | Non
                     ap_mode=c.ap_mode, memory_mb=c.memory_mb)
 
 
-def evaluate_model(model: nn.Module, dataset: ReidDataset, cfg: Config, device: torch.device) -> RankResult:
-    """CMC / mAP / mINP of ``model`` on ``dataset``'s query and gallery under ``cfg.test``."""
-    return rank_test_features(test_features(model, dataset, cfg, device), cfg)
+def evaluate_model(model: nn.Module, dataset: ReidDataset, cfg: Config, device: torch.device,
+                   split: str = "test") -> RankResult:
+    """CMC / mAP / mINP of ``model`` on ``dataset``'s query and gallery of ``split`` under ``cfg.test``."""
+    return rank_test_features(test_features(model, dataset, cfg, device, split), cfg)
+
+
+SPLIT_NAMES = {"test": "test split", "val": "validation split"}  # how reports name where a figure comes from

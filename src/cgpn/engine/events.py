@@ -2,8 +2,10 @@
 
 ``metrics.csv`` has one row per scalar: ``step,epoch,tag,value``. Tags (the same in TensorBoard):
 ``train/<term>`` (each loss term and ``train/total``, means over ``engine.log_period`` iterations),
-``train/lr``, ``train/images_per_s``, and after each evaluation ``eval/rank1``, ``eval/mAP``,
-``eval/mINP`` (fractions in [0, 1]; step 0 is the untrained network).
+``train/lr``, ``train/images_per_s``, and after each evaluation ``<split>/rank1``, ``<split>/mAP``,
+``<split>/mINP`` (fractions in [0, 1]; step 0 is the untrained network), where ``<split>`` is ``val`` for
+the periodic evaluations of a run with a validation split (``data.val_ids``) and ``test`` otherwise;
+such a run adds one ``test/*`` row at its end.
 """
 
 from __future__ import annotations
@@ -96,11 +98,13 @@ def draw_curves(run_dir: str | Path, out: str | Path) -> Path:
               if t.startswith("train/") and t not in ("train/lr", "train/images_per_s") and any(p[2] for p in v)}
     fig = Figure(figsize=(18, 4))
     axes = fig.subplots(1, 4)
+    evaluations = {f"{split} {name}": [(s, e, 100 * v) for s, e, v in series[f"{split}/{tag}"]]
+                   for split in ("val", "test") for tag, name in (("rank1", "Rank-1"), ("mAP", "mAP"))
+                   if f"{split}/{tag}" in series}
     panels = [(axes[0], "loss terms", losses, True),
               (axes[1], "learning rate", {"lr": series.get("train/lr", [])}, True),
               (axes[2], "images / s", {"train": series.get("train/images_per_s", [])}, False),
-              (axes[3], "evaluation (%)", {t.split("/", 1)[1]: [(s, e, 100 * v) for s, e, v in series[t]]
-                                           for t in ("eval/rank1", "eval/mAP") if t in series}, False)]
+              (axes[3], "evaluation (%)", evaluations, False)]
     for ax, title, curves, log in panels:
         for name, points in curves.items():
             if points:

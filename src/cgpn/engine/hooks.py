@@ -8,6 +8,7 @@ Each hook is called by ``Trainer`` at six points (fast-reid's pattern): ``before
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import os
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
 from tqdm import tqdm
 
 from cgpn.engine.checkpoint import Checkpointer
@@ -27,7 +29,7 @@ from cgpn.metrics.rank import RankResult
 if TYPE_CHECKING:
     from cgpn.engine.trainer import Trainer
 
-__all__ = ["Evaluator", "HookBase", "LRScheduler", "MetricsLogger", "PeriodicCheckpoint", "StopOnSignal"]
+__all__ = ["Evaluator", "FinalTest", "HookBase", "LRScheduler", "MetricsLogger", "PeriodicCheckpoint", "StopOnSignal"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +108,15 @@ class Evaluator(HookBase):
     """Evaluates on rank 0 every ``period`` epochs and after the last (and first with ``at_start``).
 
     Results go to ``trainer.evaluations`` (epoch -> RankResult; 0 = untrained) and to the metrics
-    writer; a new best mAP marks the epoch's checkpoint as ``best.pt``.
+    writer under ``{split}/...``; a new best mAP marks the epoch's checkpoint as ``best.pt``. ``split``
+    is ``val`` (model selection on held-out training identities) or ``test``: then ``best.pt`` is
+    selected on the test set, and a warning says so once.
     """
 
-    def __init__(self, evaluate: Callable[[], RankResult], period: int, at_start: bool, env: DistEnv) -> None:
-        self.evaluate, self.period, self.at_start, self.env = evaluate, period, at_start, env
+    def __init__(self, evaluate: Callable[[], RankResult], period: int, at_start: bool, env: DistEnv,
+                 split: str = "test") -> None:
+        self.evaluate, self.period, self.at_start, self.env, self.split = evaluate, period, at_start, env, split
+        self._warned = False
 
     def before_train(self) -> None:
         t = self.trainer
@@ -137,11 +143,57 @@ class Evaluator(HookBase):
                 logger.info("%s: %s", label, result.summary())
                 if epoch > 0 and (t.best is None or result.mAP > t.best[1]):
                     t.best, t.is_best = (epoch, float(result.mAP)), True
+                    if self.split == "test" and not self._warned:
+                        self._warned = True
+                        logger.warning("best.pt is selected on the test split: its figures are optimistic and not "
+                                       "comparable with published ones; last.pt is the run's result (set "
+                                       "data.val_ids to select on held-out training identities)")
                 if t.metrics is not None:
-                    t.metrics.write(t.step, epoch, {"eval/rank1": result.rank(1), "eval/mAP": result.mAP,
-                                                    "eval/mINP": result.mINP})
+                    t.metrics.write(t.step, epoch, scalars(self.split, result))
         if any_rank(failed is not None, self.env, t.device):  # also the barrier while rank 0 evaluates
             t.failed_evaluation = failed or CgpnError(f"the evaluation after {label} failed on process 0")
+
+
+class FinalTest(HookBase):
+    """With a validation split: after the last epoch, evaluates the test split once, on the weights the
+    validation selected (``best.pt``), into ``trainer.test_result`` (saved in the final checkpoint).
+
+    ``evaluate`` maps a network to its test-split result; ``load_best`` returns the weights of an
+    earlier best epoch (the current weights are used when the last epoch is the best).
+    """
+
+    def __init__(self, evaluate: Callable[[torch.nn.Module], RankResult],
+                 load_best: Callable[[], dict[str, torch.Tensor]], env: DistEnv) -> None:
+        self.evaluate, self.load_best, self.env = evaluate, load_best, env
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        if t.epoch != t.max_epochs or t.failed_evaluation is not None or t.best is None:
+            return
+        failed: BaseException | None = None
+        if self.env.is_main:
+            epoch = t.best[0]
+            try:
+                model = t.model
+                if epoch != t.epoch:  # an earlier epoch was best: its weights are in best.pt
+                    model = copy.deepcopy(t.model)
+                    model.load_state_dict(self.load_best())
+                result = self.evaluate(model)
+            except Exception as err:
+                failed = err
+            else:
+                t.test_result = (epoch, result)
+                logger.info("test split, once, on the epoch-%d weights the validation selected: %s", epoch,
+                            result.summary())
+                if t.metrics is not None:
+                    t.metrics.write(t.step, epoch, scalars("test", result))
+        if any_rank(failed is not None, self.env, t.device):
+            t.failed_evaluation = failed or CgpnError("the test evaluation failed on process 0")
+
+
+def scalars(split: str, result: RankResult) -> dict[str, float]:
+    """The metrics.csv / TensorBoard scalars of an evaluation of ``split``."""
+    return {f"{split}/rank1": result.rank(1), f"{split}/mAP": result.mAP, f"{split}/mINP": result.mINP}
 
 
 class PeriodicCheckpoint(HookBase):

@@ -22,14 +22,16 @@ __all__ = ["evaluate_occlusion", "occlusion_table"]
 
 
 def evaluate_occlusion(model: nn.Module, dataset: ReidDataset, cfg: Config, device: torch.device,
-                       rates: list[float]) -> dict[float, RankResult]:
-    """Evaluation at occlusion rate 0 (clean) and at each of ``rates``, keyed by rate, in rising order."""
-    gf, g_pids, g_camids = extract_features(model, build_test_loader(dataset.gallery, cfg.data), device,
+                       rates: list[float], split: str = "test") -> dict[float, RankResult]:
+    """Evaluation of ``split`` (test or val) at occlusion rate 0 (clean) and at each of ``rates``, keyed by
+    rate, in rising order."""
+    query, gallery = dataset.split(split)
+    gf, g_pids, g_camids = extract_features(model, build_test_loader(gallery, cfg.data), device,
                                             flip=cfg.test.flip, desc="gallery")
     transform = build_transforms(cfg.data, train=False)
     results = {}
     for rate in sorted({0.0, *rates}):
-        loader = build_test_loader(OccludedImages(dataset.query, transform, rate, seed=cfg.engine.seed), cfg.data)
+        loader = build_test_loader(OccludedImages(query, transform, rate, seed=cfg.engine.seed), cfg.data)
         qf, q_pids, q_camids = extract_features(model, loader, device, flip=cfg.test.flip,
                                                 desc=f"query, occlusion {rate:g}")
         t = TestFeatures(qf, gf, q_pids, g_pids, q_camids, g_camids)

@@ -57,6 +57,7 @@ from cgpn.engine.evaluation import evaluate_model
 from cgpn.engine.events import MetricsWriter
 from cgpn.engine.hooks import (
     Evaluator,
+    FinalTest,
     HookBase,
     LRScheduler,
     MetricsLogger,
@@ -77,12 +78,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """What a run produced: checkpoints, the losses per epoch, the evaluations by epoch and the network."""
+    """What a run produced: checkpoints, the losses per epoch, the evaluations by epoch and the network.
+
+    ``evaluations`` are on ``split``: ``val`` when ``data.val_ids`` holds out a validation split (then
+    ``test`` is the test split, evaluated once on the weights of ``best.pt``, at epoch ``test_epoch``),
+    else ``test`` (then ``test`` is the last epoch's evaluation, i.e. that of ``last.pt``).
+    """
 
     checkpoint: Path  # last.pt
     epoch_losses: list[dict[str, float]] = field(default_factory=list)
     evaluations: dict[int, RankResult] = field(default_factory=dict)  # epoch -> result (0 = untrained)
-    best_checkpoint: Path | None = None  # best.pt (best mAP), if an evaluation took place
+    best_checkpoint: Path | None = None  # best.pt (best mAP on split), if an evaluation took place
+    split: str = "test"  # what evaluations and best.pt were measured on: val | test
+    test: RankResult | None = None  # the run's test-split figure (see above)
+    test_epoch: int | None = None
     model: nn.Module | None = None  # the trained network (this process's copy; eval mode)
     rank: int = 0  # this process under torchrun; only rank 0 evaluates and holds the evaluations
 
@@ -144,6 +153,7 @@ class Trainer:
         self.epoch_losses: list[dict[str, float]] = []
         self.evaluations: dict[int, RankResult] = {}
         self.best: tuple[int, float] | None = None  # (epoch, mAP)
+        self.test_result: tuple[int, RankResult] | None = None  # (epoch of the weights, test split); FinalTest
         self.is_best = False  # the evaluation of the epoch just completed is the best so far
         self.stop_requested = False
         self.failed_evaluation: BaseException | None = None  # raised once the epoch's checkpoint is saved
@@ -244,6 +254,8 @@ class Trainer:
             "epoch_losses": list(self.epoch_losses),
             "evaluations": {e: rank_result_state(r) for e, r in self.evaluations.items()},
             "best": list(self.best) if self.best else None, "rng": capture_rng(), **self.extra_state,
+            "test": ({"epoch": self.test_result[0], "result": rank_result_state(self.test_result[1])}
+                     if self.test_result else None),
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
@@ -266,6 +278,8 @@ class Trainer:
         self.epoch_losses = list(state.get("epoch_losses", []))
         self.evaluations = {int(e): rank_result_from_state(r) for e, r in state.get("evaluations", {}).items()}
         self.best = tuple(state["best"]) if state.get("best") else None
+        if state.get("test"):
+            self.test_result = (state["test"]["epoch"], rank_result_from_state(state["test"]["result"]))
         self.last_checkpoint = Path(source)
         if "rng" in state:
             restore_rng(state["rng"])
@@ -374,6 +388,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
         torch.backends.cudnn.benchmark = not e.deterministic  # fixed input size: cuDNN picks the fastest kernels
         torch.set_float32_matmul_precision("high")  # TF32 for what runs in fp32 (cuDNN convolutions already do)
     precision = resolve_precision(e.precision, device)
+    dataset = dataset_from_config(cfg.data)  # a wrong data root is the first thing to hear about
     out = Path(cfg.output_dir)
     checkpointer = Checkpointer(out, e.keep_last)
 
@@ -397,7 +412,6 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
             logger.info("resuming from %s (epoch %d, iteration %d)%s", ckpt_path, state["epoch"] + 1,
                         state.get("batch", 0), f"; settings changed since: {', '.join(changed)}" if changed else "")
 
-    dataset = dataset_from_config(cfg.data)
     num_classes = dataset.num_train_pids
     model = build_model_from_config(cfg, num_classes, pretrained=False if (state or finetune) else None)
     if state is not None:
@@ -439,10 +453,14 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
     trainer.register(StopOnSignal(env))
     if env.is_main:
         trainer.register(MetricsLogger(e.log_period, e.progress, env.world_size))
+    split = "val" if dataset.val_query else "test"  # model selection on held-out identities when there are any
     trainer.register(LRScheduler(),
-                     Evaluator(lambda: evaluate_model(model, dataset, cfg, device), e.eval_period,
-                               e.eval_at_start, env),
-                     PeriodicCheckpoint(checkpointer, e.checkpoint_period, e.checkpoint_steps, env))
+                     Evaluator(lambda: evaluate_model(model, dataset, cfg, device, split), e.eval_period,
+                               e.eval_at_start, env, split=split))
+    if split == "val":
+        trainer.register(FinalTest(lambda net: evaluate_model(net, dataset, cfg, device, "test"),
+                                   lambda: load_checkpoint(checkpointer.best)["model"], env))
+    trainer.register(PeriodicCheckpoint(checkpointer, e.checkpoint_period, e.checkpoint_steps, env))
     try:
         if state is not None:
             trainer.load_state_dict(state, str(ckpt_path))  # last: restores the RNG states too
@@ -453,7 +471,12 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
         if loader.dataset.skipped:
             logger.warning("%d unreadable training image(s) were replaced by other images of the same identity "
                            "(data.on_bad_image=skip; cgpn check-data lists them)", loader.dataset.skipped)
+    if split == "val":
+        test_epoch, test = trainer.test_result or (None, None)
+    else:
+        test_epoch = trainer.epoch if trainer.epoch in trainer.evaluations else None
+        test = trainer.evaluations.get(trainer.epoch)
     return TrainResult(checkpoint=checkpointer.last, epoch_losses=trainer.epoch_losses,
                        evaluations=trainer.evaluations,
                        best_checkpoint=checkpointer.best if checkpointer.best.is_file() else None,
-                       model=model.eval(), rank=env.rank)
+                       split=split, test=test, test_epoch=test_epoch, model=model.eval(), rank=env.rank)

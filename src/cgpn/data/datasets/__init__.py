@@ -55,5 +55,9 @@ def build_dataset(name: str, root: str | Path, cfg: DataConfig | None = None) ->
 
 
 def dataset_from_config(data: DataConfig) -> ReidDataset:
-    """The data set a config names, read with that config's reader options (what every command uses)."""
-    return build_dataset(data.dataset, data.root, data)
+    """The data set a config names, read with that config's reader options (what every command uses), with
+    its validation split held out of the training set when ``data.val_ids`` is set."""
+    dataset = build_dataset(data.dataset, data.root, data)
+    if data.val_ids > 0:
+        dataset.hold_out_validation(data.val_ids, data.val_seed)
+    return dataset

@@ -15,7 +15,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
+import numpy as np
+
 from cgpn.config import CHOICES
+from cgpn.data.datasets.split import held_out, identity_hash, pick_queries
 from cgpn.errors import ConfigError, DatasetError
 
 __all__ = [
@@ -87,7 +90,10 @@ class ReidDataset:
     Attributes:
         name: registry name (``market1501``, ``synthetic``...).
         train: training samples, pids relabelled 0..num_train_pids-1.
+        train_identities: the name of each training label (its original pid, or folder name): what the
+            validation split hashes, so that it does not depend on the other identities.
         query, gallery: test samples with their original pids (distractors kept, junk dropped).
+        val_query, val_gallery: the validation split (``hold_out_validation``), empty until it is made.
         where: folder or file that each subset was read from (for messages).
 
     Example:
@@ -102,8 +108,15 @@ class ReidDataset:
     num_cameras: ClassVar[int | None] = None
 
     def __init__(self, train: list[Sample], query: list[Sample], gallery: list[Sample],
-                 where: dict[str, str] | None = None, verify_counts: str = "ignore") -> None:
-        self.train, self.query, self.gallery = train, query, gallery
+                 where: dict[str, str] | None = None, verify_counts: str = "ignore",
+                 identity_names: dict[int, str] | None = None) -> None:
+        """``train`` with the readers' own pids (relabelled here); ``identity_names``: pid -> a stable name
+        where the pid is not one (default: the pid as text)."""
+        names = identity_names or {}
+        self.train_identities = [names.get(pid, str(pid)) for pid in sorted({s.pid for s in train})]
+        self.train, self.query, self.gallery = relabel(train), query, gallery
+        self.val_query: list[Sample] = []
+        self.val_gallery: list[Sample] = []
         self.where = where or {}
         if verify_counts not in VERIFY_MODES:
             raise ConfigError(f"data.verify_counts must be one of {', '.join(VERIFY_MODES)}, got {verify_counts!r}")
@@ -114,6 +127,48 @@ class ReidDataset:
     @property
     def num_train_pids(self) -> int:
         return len({s.pid for s in self.train})
+
+    def hold_out_validation(self, amount: float, seed: int = 0) -> None:
+        """Move identities of the training set into a validation query and gallery (``data.val_ids``).
+
+        Identities are chosen by a hash of their names (``split.held_out``: a fraction < 1 or a count);
+        each gives one query per camera with a gallery image from another camera, the rest to the
+        gallery (an identity seen by one camera only is a gallery distractor). The remaining training
+        identities are relabelled 0..N-1. Validation pids are the labels before the split.
+        """
+        held = set(held_out(self.train_identities, amount, seed, what="validation"))
+        by_label: dict[int, list[Sample]] = {}
+        for sample in self.train:
+            by_label.setdefault(sample.pid, []).append(sample)
+        train, queries, gallery = [], [], []
+        for label, name in enumerate(self.train_identities):
+            if name not in held:
+                train += by_label[label]
+                continue
+            rng = np.random.default_rng([seed, identity_hash(seed, name)])
+            q, g = pick_queries(by_label[label], lambda s: s.camid, rng)
+            queries += q
+            gallery += g
+        if not queries:
+            raise DatasetError(f"none of the {len(held)} identities held out for validation (data.val_ids="
+                               f"{amount:g}) has images from two cameras, so no validation query can be made "
+                               f"(hold out more identities, or leave data.val_ids at 0)")
+        self.train_identities = [n for n in self.train_identities if n not in held]
+        self.train, self.val_query, self.val_gallery = relabel(train), sorted(queries), sorted(gallery)
+        logger.info("validation split (data.val_ids=%g, data.val_seed=%d): %d of the training identities held "
+                    "out: %d query and %d gallery images; training on %d identities, %d images", amount, seed,
+                    len(held), len(self.val_query), len(self.val_gallery), self.num_train_pids, len(self.train))
+
+    def split(self, name: str) -> tuple[list[Sample], list[Sample]]:
+        """(query, gallery) of the ``test`` or ``val`` split."""
+        if name == "test":
+            return self.query, self.gallery
+        if name == "val":
+            if not self.val_query:
+                raise ConfigError("there is no validation split: set data.val_ids (a fraction or count of the "
+                                  "training identities to hold out, e.g. 0.1)")
+            return self.val_query, self.val_gallery
+        raise ConfigError(f"split must be test or val, got {name!r}")
 
     def _where(self, subset: str) -> str:
         return self.where.get(subset, f"{self.name} {subset}")
@@ -148,6 +203,8 @@ class ReidDataset:
     def summary(self) -> str:
         """A table of identities, images and cameras per subset, as torchreid prints at start."""
         rows = [(n, *subset_stats(s)) for n, s in zip(SUBSETS, (self.train, self.query, self.gallery))]
+        if self.val_query:
+            rows += [("val qry", *subset_stats(self.val_query)), ("val gal", *subset_stats(self.val_gallery))]
         lines = [f"=> {self.name} loaded", "  subset   |   ids | images | cameras",
                  "  ---------+-------+--------+--------"]
         lines += [f"  {n:<8} | {i:>5} | {m:>6} | {c:>7}" for n, i, m, c in rows]
@@ -176,9 +233,9 @@ class MarketLayoutDataset(ReidDataset):
 
     @classmethod
     def read_layout(cls, dataset_dir: Path) -> tuple[list[Sample], list[Sample], list[Sample]]:
-        """(train relabelled, query, gallery) of the three subset folders of ``dataset_dir``."""
+        """(train, query, gallery) of the three subset folders of ``dataset_dir``."""
         train_dir, query_dir, gallery_dir = (dataset_dir / s for s in cls.subsets)
-        return relabel(cls.read_folder(train_dir)), cls.read_folder(query_dir), cls.read_folder(gallery_dir)
+        return cls.read_folder(train_dir), cls.read_folder(query_dir), cls.read_folder(gallery_dir)
 
     @classmethod
     def find_dataset_dir(cls, root: Path) -> Path:
@@ -239,13 +296,15 @@ class CombinedDataset(ReidDataset):
         self.parts = list(parts)
         self.name = "+".join(p.name for p in parts)
         train: list[Sample] = []
+        names: dict[int, str] = {}
         pid_offset = cam_offset = 0
         for part in parts:
             train += [Sample(s.path, s.pid + pid_offset, s.camid + cam_offset) for s in part.train]
+            names.update({pid_offset + label: f"{part.name}/{name}" for label, name in enumerate(part.train_identities)})
             pid_offset += part.num_train_pids
             cam_offset += 1 + max(s.camid for s in (*part.train, *part.query, *part.gallery))
         first = parts[0]
         where = {"train": " + ".join(p._where("train") for p in parts), "query": first._where("query"),
                  "gallery": first._where("gallery")}
-        super().__init__(train, first.query, first.gallery, where=where)
+        super().__init__(train, first.query, first.gallery, where=where, identity_names=names)
 

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cgpn.data.datasets.base import MarketLayoutDataset, ReidDataset, Sample, describe_folder, relabel
+from cgpn.data.datasets.base import MarketLayoutDataset, ReidDataset, Sample, describe_folder
 from cgpn.errors import DatasetError
 from cgpn.files import new_file_mode
 
@@ -61,7 +61,7 @@ class CUHK03Protocol:
     gallery_idx: np.ndarray
 
     def samples(self, image_dir: Path) -> tuple[list[Sample], list[Sample], list[Sample]]:
-        """(train relabelled, query, gallery) with paths ``image_dir/<filelist name>``."""
+        """(train, query, gallery) with paths ``image_dir/<filelist name>``."""
 
         folder = str(image_dir)
 
@@ -69,7 +69,7 @@ class CUHK03Protocol:
             return sorted(Sample(os.path.join(folder, self.filelist[i]), int(self.labels[i]), int(self.cam_ids[i]) - 1)
                           for i in idx)
 
-        return relabel(pick(self.train_idx)), pick(self.query_idx), pick(self.gallery_idx)
+        return pick(self.train_idx), pick(self.query_idx), pick(self.gallery_idx)
 
 
 def read_protocol(path: Path) -> CUHK03Protocol:

@@ -23,13 +23,13 @@ from __future__ import annotations
 import csv as csvlib
 import os
 import re
-import zlib
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from cgpn.data.datasets.base import IMAGE_SUFFIXES, ReidDataset, Sample, describe_folder, relabel
+from cgpn.data.datasets.base import IMAGE_SUFFIXES, ReidDataset, Sample, describe_folder
+from cgpn.data.datasets.split import held_out, identity_hash, pick_queries
 from cgpn.errors import ConfigError, DatasetError
 
 __all__ = ["FolderDataset", "make_split"]
@@ -53,40 +53,20 @@ def _pid_map(names: set[str]) -> dict[str, int]:
     return {n: i for i, n in enumerate(ordered)}
 
 
-def _hash(seed: int, name: str) -> int:
-    return zlib.crc32(f"{seed}/{name}".encode())
-
-
 def make_split(images: list[_Image], test_ids: float, seed: int) -> dict[str, list[_Image]]:
     """Split images into train / query / gallery per identity, reproducibly from ``seed`` (see module doc)."""
     by_id: dict[str, list[_Image]] = defaultdict(list)
     for image in images:
         by_id[image[1]].append(image)
-    if len(by_id) < 2:
-        raise DatasetError(f"a split needs at least 2 identities (one to train on, one to test), found "
-                           f"{len(by_id)}: {', '.join(by_id) or 'none'}")
-    names = sorted(by_id, key=lambda n: (_hash(seed, n), n))
-    # an identity is for testing when its hash falls below the fraction: adding identities never moves
-    # another one (a count taken from the sorted list would); at least one of each kind
-    n_test = min(len(names) - 1, max(1, sum(_hash(seed, n) < test_ids * 2**32 for n in names)))
+    test = held_out(sorted(by_id), test_ids, seed)
     split: dict[str, list[_Image]] = {s: [] for s in SPLIT_DIRS}
-    for name in names[n_test:]:
+    for name in sorted(set(by_id) - set(test), key=lambda n: (identity_hash(seed, n), n)):
         split["train"] += by_id[name]
-    for name in names[:n_test]:
-        rng = np.random.default_rng([seed, _hash(seed, name)])
-        remaining = sorted(by_id[name])
-        cams = sorted({c for _, _, c in remaining}, key=_sort_key)
-        queries: list[_Image] = []
-        for cam in (cams[i] for i in rng.permutation(len(cams))):
-            own = [im for im in remaining if im[2] == cam]
-            pick = own[rng.integers(len(own))]
-            rest = [im for im in remaining if im != pick]
-            # keep the pick only if every query still has a gallery image from another camera
-            if all(any(g[2] != q[2] for g in rest) for q in (*queries, pick)):
-                queries.append(pick)
-                remaining = rest
+    for name in test:
+        rng = np.random.default_rng([seed, identity_hash(seed, name)])
+        queries, gallery = pick_queries(by_id[name], lambda im: im[2], rng, camera_order=_sort_key)
         split["query"] += queries
-        split["gallery"] += remaining
+        split["gallery"] += gallery
     return split
 
 
@@ -148,7 +128,8 @@ class FolderDataset(ReidDataset):
         def samples(subset: str) -> list[Sample]:
             return sorted(Sample(p, pids[n], cams[c]) for p, n, c in images.get(subset, []))
 
-        super().__init__(relabel(samples("train")), samples("query"), samples("gallery"), where=where)
+        super().__init__(samples("train"), samples("query"), samples("gallery"), where=where,
+                         identity_names={pid: name for name, pid in pids.items()})
 
     @staticmethod
     def _scan(folder: Path, pattern: re.Pattern[str]) -> list[_Image]:

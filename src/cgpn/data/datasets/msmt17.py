@@ -18,7 +18,7 @@ import os
 import re
 from pathlib import Path
 
-from cgpn.data.datasets.base import ReidDataset, Sample, describe_folder, relabel
+from cgpn.data.datasets.base import ReidDataset, Sample, describe_folder
 from cgpn.errors import DatasetError
 
 __all__ = ["MSMT17"]
@@ -54,7 +54,7 @@ class MSMT17(ReidDataset):
         query = self._read_list(lists[2], test_dir, listing)
         gallery = self._read_list(lists[3], test_dir, listing)
         where = {"train": str(lists[0]), "query": str(lists[2]), "gallery": str(lists[3])}
-        super().__init__(relabel(sorted(train)), sorted(query), sorted(gallery), where=where,
+        super().__init__(sorted(train), sorted(query), sorted(gallery), where=where,
                          verify_counts=verify_counts)
 
     @staticmethod
