@@ -43,6 +43,15 @@ VARIANTS = [
 ]
 
 
+@pytest.mark.parametrize(("name", "n_tri"), [("cgpn", 12), ("cgpn1", 3), ("cgpn3", 9), ("mgn", 8)])
+def test_triplet_on_every_part(name, n_tri):
+    """model.triplet_parts=all (Section 3.2's reading): the triplet loss sees every reduced feature, globals first."""
+    model = build_model(name, 7, backbone="resnet18", pretrained=False, triplet_parts="all")
+    out = model(torch.randn(4, 3, 64, 32))
+    assert len(out.triplet_features) == n_tri
+    assert all(t is out.features[n] for t, n in zip(out.triplet_features, out.features))
+
+
 @pytest.mark.parametrize(("name", "n_feat", "n_tri", "n_mse", "dim"), VARIANTS)
 def test_variant_outputs(name, n_feat, n_tri, n_mse, dim):
     model = build_model(name, 7, backbone="resnet18", pretrained=False)

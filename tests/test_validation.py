@@ -70,9 +70,9 @@ def test_identities_seen_by_one_camera_cannot_make_a_validation_query():
 
 
 def test_val_ids_must_be_a_fraction_or_a_whole_count(tiny_synth):
-    with pytest.raises(ConfigError, match="data.val_ids"):
+    with pytest.raises(ConfigError, match=r"data\.val_ids"):
         load_config(None, ["data.val_ids=2.5"])
-    with pytest.raises(ConfigError, match="data.val_ids"):
+    with pytest.raises(ConfigError, match=r"data\.val_ids"):
         load_config(None, ["data.val_ids=-1"])
     cfg = load_config(None, ["data.dataset=synthetic", f"data.root={tiny_synth}"])
     with pytest.raises(ConfigError, match="no validation split"):

@@ -200,6 +200,24 @@ def _check_picture(out: str) -> None:
         raise ConfigError(f"--out must name a picture file ending in {', '.join(PICTURE_SUFFIXES)}, got '{out}'")
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from cgpn.study import load_grid, run_study
+
+    def ints(text: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",")]
+        except ValueError:
+            raise ConfigError(f"--seeds must be comma-separated integers, got '{text}'") from None
+
+    grid = load_grid(args.grid, rows=args.rows.split(",") if args.rows else None,
+                     seeds=ints(args.seeds) if args.seeds else None)
+    records = run_study(grid, args.out, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"{len(records)} runs; table: {Path(args.out) / 'table.md'}, per run: {Path(args.out) / 'runs.csv'}, "
+              f"picture: {Path(args.out) / 'occlusion.png'}")
+    return 0
+
+
 def cmd_check_data(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from cgpn.data.check import check_images
@@ -384,6 +402,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rerank_arg(p)
     _add_config_args(p, config=False)
     p.set_defaults(func=cmd_show)
+
+    p = verbs.add_parser("study", parents=[common],
+                         help="train and evaluate a grid of settings x seeds (Table 2 style: mean and std, clean "
+                         "and occluded); resumes a half-done grid")
+    p.add_argument("grid", help="grid file (YAML: base, set, seeds, occlude, rows; e.g. configs/study_table2.yaml)")
+    p.add_argument("--out", required=True, help="folder of the runs, runs.csv, table.md and occlusion.png")
+    p.add_argument("--rows", help="only these settings (comma-separated names of the grid's rows)")
+    p.add_argument("--seeds", help="only these seeds (comma-separated)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and its ETA, train nothing")
+    p.set_defaults(func=cmd_study)
 
     p = verbs.add_parser("check-data", parents=[common],
                          help="open every image of a data set and report unreadable files "

@@ -51,6 +51,7 @@ class ModelConfig:
     pooling: str = "max"  # max | avg, for every global and stripe pooling (SPEC 2)
     reduce_dim: int = 256  # size of each reduced feature (SPEC 3)
     triplet_on: str = "reduced"  # reduced (256-d) | pooled (before reduction) (SPEC 4)
+    triplet_parts: str = "global"  # global (Section 3.3: the 3 globals) | all (locals too, as Section 3.2 reads)
 
 
 @dataclass
@@ -210,6 +211,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.pooling": ("max", "avg"),
     "model.triplet_on": ("reduced", "pooled"),
+    "model.triplet_parts": ("global", "all"),
     "loss.mse_reduction": ("mean", "sum"),
     "data.epoch_mode": ("identities", "images"),
     "data.on_bad_image": ("skip", "stop"),

@@ -78,7 +78,8 @@ def build_model_from_config(cfg: Config, num_classes: int, pretrained: bool | st
     return build_model(m.name, num_classes, backbone=m.backbone,
                        pretrained=m.pretrained if pretrained is None else pretrained,
                        global_part=m.global_part, local_part=m.local_part, last_stride=m.last_stride,
-                       pooling=m.pooling, reduce_dim=m.reduce_dim, triplet_on=m.triplet_on)
+                       pooling=m.pooling, reduce_dim=m.reduce_dim, triplet_on=m.triplet_on,
+                       triplet_parts=m.triplet_parts)
 
 
 def load_model(path: str | Path) -> tuple[CGPN, Config]:

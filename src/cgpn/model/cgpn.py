@@ -72,7 +72,8 @@ class CGPNOutput:
     Attributes:
         features: reduced features (B, 256) by name (``g1``..``g3``, ``b3_0_3``...), in test order.
         logits: identity logits (B, num_classes) by the same names.
-        triplet_features: features the triplet loss acts on (the 3 global ones, SPEC 4; the local ones for CGPN-3, which has none).
+        triplet_features: features the triplet loss acts on (the 3 global ones, SPEC 4; the local ones too with
+            ``triplet_parts="all"``, and for CGPN-3, which has no global one).
         supervision: (prediction f_g_p, target f_gl_p) pairs of eq. 3, each (B, c); empty without MSE.
     """
 
@@ -121,6 +122,8 @@ class CGPN(nn.Module):
         pooling: ``max`` or ``avg``.
         reduce_dim: size of each reduced feature.
         triplet_on: ``reduced`` or ``pooled`` features for the triplet loss.
+        triplet_parts: ``global`` (the 3 global features, Section 3.3) or ``all`` (the local ones too:
+            Section 3.2 says the local part is trained with softmax and triplet loss).
 
     Example:
         >>> model = CGPN(num_classes=751, backbone="resnet18", pretrained=False).eval()
@@ -139,12 +142,14 @@ class CGPN(nn.Module):
         pooling: str = "max",
         reduce_dim: int = 256,
         triplet_on: str = "reduced",
+        triplet_parts: str = "global",
     ) -> None:
         super().__init__()
         _check_choice("model.global_part", global_part, GLOBAL_PARTS)
         _check_choice("model.local_part", local_part, tuple(STRIPES))
         _check_choice("model.pooling", pooling, ("max", "avg"))
         _check_choice("model.triplet_on", triplet_on, ("reduced", "pooled"))
+        _check_choice("model.triplet_parts", triplet_parts, ("global", "all"))
         if len(last_stride) != 3 or any(s not in (1, 2) for s in last_stride):
             raise ConfigError(f"model.last_stride must be 3 values of 1 or 2 (one per branch), got {last_stride}")
         if num_classes < 1:
@@ -152,6 +157,7 @@ class CGPN(nn.Module):
         if global_part == "none" and local_part == "none":
             raise ConfigError("model.global_part=none with model.local_part=none leaves no feature at all")
         self.global_part, self.local_part, self.triplet_on = global_part, local_part, triplet_on
+        self.triplet_parts = triplet_parts
         self.pool = F.adaptive_max_pool2d if pooling == "max" else F.adaptive_avg_pool2d
         self.stripes = STRIPES[local_part]
         c = feature_channels(backbone)
@@ -213,7 +219,8 @@ class CGPN(nn.Module):
         if not self.training:
             return torch.cat(list(reduced.values()), dim=1)
         logits = {name: head.classifier(reduced[name]) for name, head in self.heads.items()}
-        triplet_names = [n for n in self.heads if n.startswith("g")] or list(self.heads)  # CGPN-3: locals
+        triplet_names = [n for n in self.heads if n.startswith("g") or self.triplet_parts == "all"]
+        triplet_names = triplet_names or list(self.heads)  # CGPN-3: the locals
         source = reduced if self.triplet_on == "reduced" else {n: p.flatten(1) for n, p in pooled.items()}
         return CGPNOutput(
             features=reduced,

@@ -1,0 +1,377 @@
+"""A grid of settings x seeds, each trained and evaluated the same way: Table 2 of the paper in miniature.
+
+A grid file (YAML) names a base config, the ``--set`` overrides every run shares, the seeds, the
+occlusion rates and one row of overrides per setting::
+
+    base: demo.yaml                       # relative to the grid file
+    set: [data.dataset=cuhk03, data.root=../shared/data/cuhk03-np-pair1-dev/labeled, data.val_ids=50]
+    seeds: [0, 1, 2]
+    occlude: [0.1, 0.2, 0.3]
+    rows:
+      cgpn: []
+      mgn: [model.name=mgn]
+
+``run_study`` trains each (row, seed) into ``out/<row>/seed<k>`` (``engine.seed=k``; an interrupted run
+is resumed, a finished one read from its ``study.json``, not retrained), evaluates the test split on the
+run's result (``best.pt`` when ``data.val_ids`` selects it on the validation split, else ``last.pt``),
+clean and with each occlusion rate hidden, and writes ``out/runs.csv`` (one line per run),
+``out/table.md`` (mean ± std over seeds per row) and ``out/occlusion.png`` (a line per row). Before
+training it prints an ETA for the whole grid: from finished runs of the same row, else from a few timed
+training steps of each row's network.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cgpn.config import Config, load_config
+from cgpn.errors import ConfigError
+from cgpn.files import atomic_path
+
+__all__ = ["Grid", "RunRecord", "load_grid", "run_study", "study_table"]
+
+logger = logging.getLogger(__name__)
+
+RECORD = "study.json"
+
+
+@dataclass
+class Grid:
+    """A study: ``rows`` (name -> overrides) x ``seeds``, on ``base`` with ``overrides``, tested at ``occlude``."""
+
+    base: Path | None
+    overrides: list[str]
+    seeds: list[int]
+    occlude: list[float]
+    rows: dict[str, list[str]]
+
+    def config(self, row: str, seed: int, out: Path) -> Config:
+        """The resolved config of one run: base file, shared overrides, the row's, then seed and folder."""
+        return load_config(self.base, [*self.overrides, *self.rows[row], f"engine.seed={seed}",
+                                       f"output_dir={out / row / f'seed{seed}'}"])
+
+
+def load_grid(path: str | Path, rows: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> Grid:
+    """Read a grid file, keeping only ``rows`` / ``seeds`` when given; every run's config is checked now."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file '{path}' does not exist (expected a YAML file with base, set, seeds, "
+                          f"occlude and rows; see cgpn.study)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"grid file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"grid file '{path}' must hold a mapping (base, set, seeds, occlude, rows)")
+    unknown = sorted(set(data) - {"base", "set", "seeds", "occlude", "rows"})
+    if unknown:
+        raise ConfigError(f"grid file '{path}': unknown key '{unknown[0]}' (expected base, set, seeds, occlude, rows)")
+
+    def strings(value: Any, what: str) -> list[str]:
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+            raise ConfigError(f"grid file '{path}': {what} must be a list of section.key=value strings, "
+                              f"got {value!r}")
+        return list(value)
+
+    table = data.get("rows")
+    if not isinstance(table, dict) or not table:
+        raise ConfigError(f"grid file '{path}': rows must map each setting's name to its overrides, e.g. "
+                          f"rows: {{cgpn: [], mgn: [model.name=mgn]}}")
+    all_seeds = data.get("seeds", [0])
+    if not isinstance(all_seeds, list) or not all_seeds or not all(isinstance(s, int) for s in all_seeds):
+        raise ConfigError(f"grid file '{path}': seeds must be a list of integers, got {all_seeds!r}")
+    rates = data.get("occlude", [])
+    if not isinstance(rates, list) or not all(isinstance(r, int | float) and 0 < r < 1 for r in rates):
+        raise ConfigError(f"grid file '{path}': occlude must be a list of fractions in (0, 1), got {rates!r}")
+    for pick, known, what in ((rows, table, "row"), (seeds, all_seeds, "seed")):
+        missing = [x for x in pick or [] if x not in known]
+        if missing:
+            raise ConfigError(f"grid file '{path}' has no {what} {missing[0]!r} (it has "
+                              f"{', '.join(map(str, known))})")
+    base = data.get("base")
+    grid = Grid(base=(path.parent / base) if base else None, overrides=strings(data.get("set"), "set"),
+                seeds=[s for s in all_seeds if seeds is None or s in seeds],
+                occlude=sorted(float(r) for r in rates),
+                rows={name: strings(v, f"row '{name}'") for name, v in table.items() if rows is None or name in rows})
+    for name in grid.rows:  # a typo in row 9 fails now, not after 8 runs
+        grid.config(name, grid.seeds[0], Path("."))
+    return grid
+
+
+@dataclass
+class RunRecord:
+    """One finished run: its test-split figures (clean and per occlusion rate) and what it cost."""
+
+    row: str
+    seed: int
+    split: str  # where best.pt was selected: val | test
+    epochs: int
+    result_epoch: int  # epoch of the weights tested
+    val_mAP: float | None  # the selecting validation mAP (None without a validation split)
+    rank1: float
+    mAP: float
+    mINP: float
+    occluded: dict[str, tuple[float, float]] = field(default_factory=dict)  # rate -> (Rank-1, mAP)
+    seconds: float = 0.0  # wall time of this run's training and evaluation in the process that finished it
+    machine: str = ""
+
+
+def _machine() -> str:
+    """CPU flags / GPU, threads and precision: which machine a time was measured on."""
+    import torch
+
+    from cgpn.engine.precision import cpu_has_native_bf16
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    kind = "+".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "cpu"
+    return f"{kind}, {torch.get_num_threads()} threads, bf16 {'native' if cpu_has_native_bf16() else 'emulated'}"
+
+
+def run_one(grid: Grid, row: str, seed: int, out: Path) -> RunRecord:
+    """Train (or resume) and evaluate one run; its ``study.json`` is written last, so a kill leaves it to redo."""
+    import torch
+
+    from cgpn.data.datasets import dataset_from_config
+    from cgpn.engine.checkpoint import load_model
+    from cgpn.engine.inference import resolve_device
+    from cgpn.engine.robustness import evaluate_occlusion
+    from cgpn.engine.trainer import train
+
+    cfg = grid.config(row, seed, out)
+    start = time.perf_counter()
+    result = train(cfg, resume="auto")
+    tested = result.best_checkpoint if result.split == "val" and result.best_checkpoint else result.checkpoint
+    model, saved = load_model(tested)
+    device = resolve_device(saved.engine.device)
+    dataset = dataset_from_config(saved.data)
+    with torch.inference_mode():
+        results = evaluate_occlusion(model.to(device).eval(), dataset, saved, device, grid.occlude, "test")
+    clean = results[0.0]
+    best = result.evaluations.get(result.test_epoch) if result.split == "val" else None
+    record = RunRecord(row=row, seed=seed, split=result.split, epochs=cfg.solver.epochs,
+                       result_epoch=int(result.test_epoch or cfg.solver.epochs),
+                       val_mAP=float(best.mAP) if best is not None else None, rank1=float(clean.rank(1)),
+                       mAP=float(clean.mAP), mINP=float(clean.mINP),
+                       occluded={f"{r:g}": (float(v.rank(1)), float(v.mAP)) for r, v in results.items() if r > 0},
+                       seconds=time.perf_counter() - start, machine=_machine())
+    with atomic_path(Path(cfg.output_dir) / RECORD) as tmp:
+        tmp.write_text(json.dumps(asdict(record), indent=1))
+    return record
+
+
+def read_record(grid: Grid, row: str, seed: int, out: Path) -> RunRecord | None:
+    """The record of a finished run, or None (not finished, or finished under other settings)."""
+    path = out / row / f"seed{seed}" / RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = RunRecord(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:
+        logger.warning("%s is unreadable (%s); evaluating that run again", path, err)
+        return None
+    if sorted(record.occluded) != sorted(f"{r:g}" for r in grid.occlude):
+        logger.warning("%s holds other occlusion rates; evaluating that run again", path)
+        return None
+    return record
+
+
+def _step_seconds(cfg: Config, steps: int = 3) -> float:
+    """Seconds of one training step of ``cfg``'s network on a random batch (after one untimed step)."""
+    import torch
+
+    from cgpn.engine.checkpoint import build_model_from_config
+    from cgpn.engine.inference import resolve_device
+    from cgpn.engine.precision import resolve_precision
+    from cgpn.engine.trainer import build_optimizer
+    from cgpn.losses import CGPNLoss
+
+    device = resolve_device(cfg.engine.device)
+    precision = resolve_precision(cfg.engine.precision, device)
+    d = cfg.data
+    model = build_model_from_config(cfg, num_classes=max(2, d.batch_size // d.num_instances), pretrained=False)
+    model = model.to(device).train()
+    optimizer, criterion = build_optimizer(model, cfg), CGPNLoss(cfg.loss)
+    images = torch.randn(d.batch_size, 3, d.height, d.width, device=device)
+    pids = torch.arange(d.batch_size, device=device) // d.num_instances
+    timings = []
+    for _ in range(steps + 1):
+        begin = time.perf_counter()
+        with precision.autocast():
+            output = model(images)
+        loss, _ = criterion(output, pids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - begin)
+    return float(np.median(timings[1:]))
+
+
+def estimate_seconds(grid: Grid, todo: list[tuple[str, int]], done: list[RunRecord], out: Path,
+                     probe: Callable[[Config], float] | None = None) -> dict[str, float]:
+    """Seconds one run of each row still to do takes: the mean of its finished runs, else a timed probe
+    (training steps x steps per run, plus the evaluations at a third of a step per image and view)."""
+    from cgpn.data.datasets import dataset_from_config
+    from cgpn.data.sampler import PKSampler
+
+    probe = probe or _step_seconds
+    estimates: dict[str, float] = {}
+    for row in dict.fromkeys(r for r, _ in todo):
+        times = [r.seconds for r in done if r.row == row and r.seconds > 0]
+        if times:
+            estimates[row] = float(np.mean(times))
+            continue
+        cfg = grid.config(row, todo[0][1], out)
+        dataset = dataset_from_config(cfg.data)
+        steps = len(PKSampler([s.pid for s in dataset.train], cfg.data.batch_size, cfg.data.num_instances,
+                              cfg.data.epoch_mode))
+        step = probe(cfg)
+        evals = (1 + len(grid.occlude)) * len(dataset.query) + len(dataset.gallery)
+        evals += (len(dataset.val_query) + len(dataset.val_gallery)) * _evaluations(cfg)
+        views = 2 if cfg.test.flip else 1
+        estimates[row] = step * steps * cfg.solver.epochs + step / cfg.data.batch_size / 3 * evals * views
+    return estimates
+
+
+def _evaluations(cfg: Config) -> int:
+    """How many periodic evaluations a run makes."""
+    e = cfg.engine
+    periodic = cfg.solver.epochs // e.eval_period if e.eval_period else 1
+    return periodic + int(e.eval_at_start)
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
+def run_study(grid: Grid, out: str | Path, dry_run: bool = False,
+              report: Callable[[str], None] = print) -> list[RunRecord]:
+    """Run (or resume) every run of ``grid`` under ``out``, seed by seed, and write the table, CSV and picture.
+
+    Runs go seed-major (every row's seed 0, then every row's seed 1...), so that a grid stopped half-way
+    still compares every row. ``dry_run`` prints the plan and ETA only.
+    """
+    out = Path(out)
+    plan = [(row, seed) for seed in grid.seeds for row in grid.rows]
+    done = [r for r in (read_record(grid, row, seed, out) for row, seed in plan) if r is not None]
+    finished = {(r.row, r.seed) for r in done}
+    todo = [key for key in plan if key not in finished]
+    estimates = estimate_seconds(grid, todo, done, out) if todo else {}
+    report(f"study: {len(grid.rows)} settings x {len(grid.seeds)} seeds = {len(plan)} runs, {len(done)} finished; "
+           f"ETA {_duration(sum(estimates[r] for r, _ in todo))} on {_machine()} "
+           f"({', '.join(f'{row} ~{_duration(s)}' for row, s in estimates.items()) or 'nothing to run'})")
+    if dry_run:
+        return done
+    for i, (row, seed) in enumerate(todo, start=1):
+        report(f"[{i}/{len(todo)}] {row}, seed {seed} -> {out / row / f'seed{seed}'}")
+        record = run_one(grid, row, seed, out)
+        done.append(record)
+        estimates[row] = float(np.mean([r.seconds for r in done if r.row == row]))
+        left = sum(estimates[r] for r, _ in todo[i:])
+        report(f"[{i}/{len(todo)}] {row}, seed {seed}: Rank-1 {100 * record.rank1:.1f}  mAP {100 * record.mAP:.1f} "
+               f"({_duration(record.seconds)}); ETA {_duration(left)}")
+        write_outputs(grid, done, out)
+    if not todo and done:
+        write_outputs(grid, done, out)
+    return done
+
+
+def _columns(grid: Grid) -> list[tuple[str, Callable[[RunRecord], float | None]]]:
+    """Per-run figures, in %: Table 2's columns (Rank-1, mAP), mINP, then Rank-1 / mAP per occlusion rate."""
+    cols: list[tuple[str, Callable[[RunRecord], float | None]]] = [
+        ("Rank-1", lambda r: 100 * r.rank1), ("mAP", lambda r: 100 * r.mAP), ("mINP", lambda r: 100 * r.mINP)]
+    for rate in grid.occlude:
+        key = f"{rate:g}"
+        cols += [(f"Rank-1 {100 * rate:g}% hidden", lambda r, k=key: 100 * r.occluded[k][0]),
+                 (f"mAP {100 * rate:g}% hidden", lambda r, k=key: 100 * r.occluded[k][1])]
+    return cols
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def study_table(grid: Grid, records: list[RunRecord]) -> str:
+    """A Markdown table: one line per row, mean ± std over its finished seeds for every column."""
+    cols = _columns(grid)
+    lines = ["| setting | seeds | " + " | ".join(name for name, _ in cols) + " | time per run |",
+             "|---|---|" + "---|" * len(cols) + "---|"]
+    for row in grid.rows:
+        runs = sorted((r for r in records if r.row == row), key=lambda r: r.seed)
+        if not runs:
+            lines.append(f"| {row} | 0 | " + " | ".join("" for _ in cols) + " | |")
+            continue
+        cells = []
+        for _, get in cols:
+            mean, std = _mean_std([get(r) for r in runs])
+            cells.append(f"{mean:.1f} ± {std:.1f}" if len(runs) > 1 else f"{mean:.1f}")
+        minutes = np.mean([r.seconds for r in runs]) / 60
+        lines.append(f"| {row} | {len(runs)} | " + " | ".join(cells) + f" | {minutes:.0f} min |")
+    return "\n".join(lines)
+
+
+def write_outputs(grid: Grid, records: list[RunRecord], out: Path) -> None:
+    """``runs.csv``, ``table.md`` and ``occlusion.png`` of the records so far (each written whole)."""
+    cols = _columns(grid)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["setting", "seed", "split", "epochs", "result_epoch", "val_mAP", *(n for n, _ in cols),
+                     "seconds", "machine"])
+    for r in sorted(records, key=lambda r: (list(grid.rows).index(r.row) if r.row in grid.rows else 1e9, r.seed)):
+        writer.writerow([r.row, r.seed, r.split, r.epochs, r.result_epoch,
+                         "" if r.val_mAP is None else f"{100 * r.val_mAP:.2f}", *(f"{get(r):.2f}" for _, get in cols),
+                         f"{r.seconds:.0f}", r.machine])
+    with atomic_path(out / "runs.csv") as tmp:
+        tmp.write_text(buffer.getvalue())
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(study_table(grid, records) + "\n")
+    plot_study(grid, records, out / "occlusion.png")
+
+
+def plot_study(grid: Grid, records: list[RunRecord], path: Path) -> Path:
+    """Rank-1 and mAP against the hidden fraction of the query, a line per setting (mean, ± std bars)."""
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
+
+    rates = [0.0, *grid.occlude]
+    fig = Figure(figsize=(10, 4), dpi=110)
+    axes = fig.subplots(1, 2)
+    for row in grid.rows:
+        runs = [r for r in records if r.row == row]
+        if not runs:
+            continue
+        for ax, index, attr in ((axes[0], 0, "rank1"), (axes[1], 1, "mAP")):
+            stats = [_mean_std([100 * (getattr(r, attr) if rate == 0 else r.occluded[f"{rate:g}"][index])
+                                for r in runs]) for rate in rates]
+            ax.errorbar([100 * x for x in rates], [m for m, _ in stats], yerr=[s for _, s in stats],
+                        marker="o", capsize=3, label=f"{row} (n={len(runs)})")
+    for ax, title in zip(axes, ("Rank-1 (%)", "mAP (%)")):
+        ax.set_xlabel("query area hidden (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    return path
+

@@ -1,0 +1,133 @@
+"""cgpn study on a tiny grid: every (setting, seed) trained and tested once, the table's means and spreads
+recomputed here from the runs' own checkpoints, a finished grid read instead of retrained, the ETA's parts."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import cgpn.study as study
+from _engine_tiny import tiny_overrides
+from cgpn.cli import main
+from cgpn.data.datasets import dataset_from_config
+from cgpn.engine.checkpoint import load_model
+from cgpn.engine.evaluation import evaluate_model
+from cgpn.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def grid_file(tiny_synth, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("grid")
+    shared = [o for o in tiny_overrides(tiny_synth, folder / "unused", **{"data.val_ids": 2, "solver.epochs": 1})
+              if not o.startswith("output_dir=")]
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump({"set": shared, "seeds": [0, 1], "occlude": [0.2],
+                                    "rows": {"cgpn": [], "mgn": ["model.name=mgn"]}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(grid_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    grid = study.load_grid(grid_file)
+    records = study.run_study(grid, out, report=lambda line: None)
+    return grid, out, records
+
+
+def test_every_run_is_tested_once_on_the_weights_validation_selected(finished):
+    _grid, out, records = finished
+    assert sorted((r.row, r.seed) for r in records) == [("cgpn", 0), ("cgpn", 1), ("mgn", 0), ("mgn", 1)]
+    for r in records:
+        run = out / r.row / f"seed{r.seed}"
+        assert r.split == "val" and r.val_mAP is not None
+        model, cfg = load_model(run / "best.pt")  # recomputed here from the run's own checkpoint
+        assert cfg.engine.seed == r.seed and cfg.model.name == r.row
+        test = evaluate_model(model, dataset_from_config(cfg.data), cfg, torch.device("cpu"), "test")
+        assert r.rank1 == pytest.approx(test.rank(1), abs=1e-6) and r.mAP == pytest.approx(test.mAP, abs=1e-6)
+        assert set(r.occluded) == {"0.2"}
+        assert json.loads((run / "study.json").read_text())["mAP"] == pytest.approx(r.mAP)
+
+
+def test_table_and_csv_hold_means_and_sample_spreads(finished):
+    _grid, out, records = finished
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert [(r["setting"], r["seed"]) for r in rows] == [("cgpn", "0"), ("cgpn", "1"), ("mgn", "0"), ("mgn", "1")]
+    table = (out / "table.md").read_text().splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:5] == ["setting", "seeds", "Rank-1", "mAP", "mINP"]
+    assert header[5:7] == ["Rank-1 20% hidden", "mAP 20% hidden"]
+    for line in table[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        mine = [r for r in records if r.row == cells[0]]
+        maps = [100 * r.mAP for r in mine]
+        assert cells[1] == "2"
+        assert cells[3] == f"{np.mean(maps):.1f} ± {np.std(maps, ddof=1):.1f}"
+        hidden = [100 * r.occluded["0.2"][1] for r in mine]
+        assert cells[6] == f"{np.mean(hidden):.1f} ± {np.std(hidden, ddof=1):.1f}"
+    assert (out / "occlusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_finished_grid_is_read_not_retrained(finished, monkeypatch):
+    grid, out, records = finished
+    calls = []
+    monkeypatch.setattr(study, "run_one", lambda *a: calls.append(a))
+    again = study.run_study(grid, out, report=lambda line: None)
+    assert calls == [] and sorted((r.row, r.seed, r.mAP) for r in again) == sorted((r.row, r.seed, r.mAP)
+                                                                                   for r in records)
+
+
+def test_half_done_grid_runs_only_what_is_missing(finished, tmp_path, monkeypatch):
+    grid, out, records = finished
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "mgn" / "seed1" / "study.json").unlink()
+    done = []
+
+    def fake_run(g, row, seed, where):
+        done.append((row, seed))
+        return next(r for r in records if (r.row, r.seed) == (row, seed))
+
+    monkeypatch.setattr(study, "run_one", fake_run)
+    monkeypatch.setattr(study, "estimate_seconds", lambda *a, **k: {"mgn": 1.0})
+    study.run_study(grid, copy, report=lambda line: None)
+    assert done == [("mgn", 1)]
+
+
+def test_eta_from_finished_runs_else_from_a_probe(finished, grid_file):
+    grid, out, _records = finished
+    todo = [("cgpn", 0), ("mgn", 0)]
+    fake = [study.RunRecord("cgpn", s, "val", 1, 1, 0.5, 0.5, 0.5, 0.5, {"0.2": (0.1, 0.1)}, seconds=t)
+            for s, t in ((0, 100.0), (1, 300.0))]
+    one = study.estimate_seconds(grid, todo, fake, out, probe=lambda cfg: 1.0)
+    two = study.estimate_seconds(grid, todo, fake, out, probe=lambda cfg: 2.0)
+    assert one["cgpn"] == two["cgpn"] == 200.0  # the mean of the finished runs of that setting
+    assert two["mgn"] == pytest.approx(2 * one["mgn"])  # no finished run: in proportion to the timed step
+    cfg = grid.config("mgn", 0, out)
+    steps = -(-6 // (cfg.data.batch_size // cfg.data.num_instances))  # 6 training identities, P per batch
+    assert one["mgn"] > steps * cfg.solver.epochs  # the training steps, plus the evaluations
+
+
+def test_grid_mistakes_are_one_line(grid_file, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="has no row 'cgpn9'"):
+        study.load_grid(grid_file, rows=["cgpn9"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"rows": {"x": ["model.nmae=mgn"]}}))
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.nmae'"):
+        study.load_grid(bad)
+    assert main(["-q", "study", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "grid file" in capsys.readouterr().err
+
+
+def test_cli_dry_run_prints_the_plan(grid_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(study, "_step_seconds", lambda cfg, steps=3: 0.5)
+    assert main(["-q", "study", str(grid_file), "--out", str(tmp_path / "o"), "--rows", "mgn", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("study: 1 settings x 2 seeds = 2 runs, 0 finished; ETA ")
+    assert not (tmp_path / "o").exists()
