@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cgpn.engine.precision import machine_description
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # fastreid_ref (fast-reid's evaluators as references), _memory
 
@@ -81,10 +83,11 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse the command line and apply ``--threads``."""
+    """Parse the command line, apply ``--threads`` and print the machine the figures come from."""
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"machine: {machine_description(args.device)}")
     return args
 
 

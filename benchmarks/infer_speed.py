@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cgpn.config import Config, DataConfig
 from cgpn.data.datasets import build_dataset
 from cgpn.engine.checkpoint import build_model_from_config, load_model
+from cgpn.engine.precision import cpu_has_native_bf16, machine_description
 from cgpn.extractor import FeatureExtractor
 from cgpn.metrics.rank import evaluate, pairwise_distance
 
@@ -86,9 +87,10 @@ def gflop_per_image(model: nn.Module, height: int, width: int, flip: bool) -> fl
     return counter.get_total_flops() / 1e9 * (2 if flip else 1)
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """This CPU's fp32 matrix-multiply rate (GFLOP/s) with torch's threads: the ceiling of an exact fp32 path."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """This CPU's matrix-multiply rate (GFLOP/s) in ``dtype`` with torch's threads: the ceiling of a path
+    that computes in that precision (fp32 for the exact paths, bf16 for bf16 autocast)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     start = time.perf_counter()
     for _ in range(repeats):
@@ -169,13 +171,17 @@ def main() -> int:
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = "not installed"
+    print(f"machine: {machine_description(device)}")
     print(f"CGPN ({cfg.model.backbone}) at {cfg.data.height}x{cfg.data.width}, flip-averaged, batch {args.batch_size}, "
           f"device {device}, torch {torch.__version__} ({torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}), onnxruntime {ort_version}")
 
     work = gflop_per_image(model, cfg.data.height, cfg.data.width, flip=True)
     peak = matmul_gflops() if device.type == "cpu" else float("nan")
-    print(f"work: {work:.1f} GFLOP per flip-averaged image; fp32 matrix multiply here: {peak:.0f} GFLOP/s")
+    peak_bf16 = matmul_gflops(dtype=torch.bfloat16) if device.type == "cpu" else float("nan")
+    print(f"work: {work:.1f} GFLOP per flip-averaged image; matrix multiply here: fp32 {peak:.0f} GFLOP/s (ceiling "
+          f"of the exact paths), bf16 {peak_bf16:.0f} GFLOP/s (ceiling of bf16 autocast; "
+          f"{'native' if cpu_has_native_bf16() else 'emulated'} on this CPU)")
 
     probe_extractor = FeatureExtractor(model, device=args.device, backend="eager", config=cfg, progress=False)
     batch = torch.stack([probe_extractor.preprocess(s.path) for s in data.query[: args.batch_size]])

@@ -26,6 +26,7 @@ from cgpn.data.datasets import build_dataset
 from cgpn.data.datasets.synthetic import SyntheticSpec, generate_synthetic
 from cgpn.data.loader import build_train_loader
 from cgpn.engine.checkpoint import build_model_from_config
+from cgpn.engine.precision import machine_description
 from cgpn.losses import CGPNLoss
 
 SETUPS = {  # name -> (backbone, height, width, batch, K)
@@ -95,7 +96,7 @@ def main() -> None:
             generate_synthetic(tmp, SyntheticSpec(train_ids=args.ids, test_ids=4, images_per_id=8), progress=False)
             root = tmp
         dataset = build_dataset(args.dataset, root, load_config().data)
-        print(f"device {device}, torch threads {torch.get_num_threads()}, {len(dataset.train)} training images")
+        print(f"machine: {machine_description(device)}; {len(dataset.train)} training images")
         print(f"{'setup':<26} {'workers':>7} {'loader img/s':>13} {'model img/s':>12} {'loader/model':>13}")
         for name in args.setups:
             backbone, h, w, batch, k = SETUPS[name]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from cgpn.data.datasets import FolderDataset, Market1501
+from cgpn.engine.precision import machine_description
 
 
 def market_tree(root: Path, files: int, per_id: int = 20) -> None:
@@ -39,6 +40,7 @@ def main() -> None:
     p.add_argument("--files", type=int, default=100_000)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    print(f"machine: {machine_description()} (the scan itself is one Python thread, no torch)")
     with tempfile.TemporaryDirectory() as tmp:
         market_tree(Path(tmp) / "m", args.files)
         # query ids of this tree are in its gallery only by construction of the shares

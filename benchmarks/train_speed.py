@@ -32,7 +32,7 @@ from cgpn.data.datasets import build_dataset  # noqa: E402
 from cgpn.data.datasets.synthetic import SyntheticSpec, generate_synthetic  # noqa: E402
 from cgpn.data.loader import build_train_loader  # noqa: E402
 from cgpn.engine.inference import resolve_device  # noqa: E402
-from cgpn.engine.precision import Precision, resolve_precision  # noqa: E402
+from cgpn.engine.precision import Precision, machine_description, resolve_precision  # noqa: E402
 from cgpn.losses import CGPNLoss  # noqa: E402
 from cgpn.model import build_model  # noqa: E402
 
@@ -120,12 +120,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     auto = resolve_precision("auto", device).name
     wanted = args.precisions.split(",") if args.precisions else (
         ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"])
-    print(f"device: {name}; torch {torch.__version__}; engine.precision=auto picks {auto}")
+    print(f"machine: {machine_description(device)}; engine.precision=auto picks {auto}")
     print(f"CGPN-{args.backbone} at {args.height}x{args.width}, batch {args.batch_size}, "
           f"{args.steps} timed iterations after {args.warmup}")
     print(f"{'precision':<10}{'format':<15}{'CGPN img/s':>12}{'ResNet img/s':>14}{'CGPN/ResNet':>13}")

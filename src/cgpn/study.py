@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
 from cgpn.config import Config, load_config
+from cgpn.engine.precision import machine_description
 from cgpn.errors import ConfigError
 from cgpn.files import atomic_path
 
@@ -129,26 +131,12 @@ class RunRecord:
     machine: str = ""
 
 
-def _machine() -> str:
-    """CPU flags / GPU, threads and precision: which machine a time was measured on."""
-    import torch
-
-    from cgpn.engine.precision import cpu_has_native_bf16
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    kind = "+".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "cpu"
-    return f"{kind}, {torch.get_num_threads()} threads, bf16 {'native' if cpu_has_native_bf16() else 'emulated'}"
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_one(grid: Grid, row: str, seed: int, out: Path) -> RunRecord:
     """Train (or resume) and evaluate one run; its ``study.json`` is written last, so a kill leaves it to redo."""
-    import torch
-
     from cgpn.data.datasets import dataset_from_config
     from cgpn.engine.checkpoint import load_model
     from cgpn.engine.inference import resolve_device
@@ -171,7 +159,7 @@ def run_one(grid: Grid, row: str, seed: int, out: Path) -> RunRecord:
                        val_mAP=float(best.mAP) if best is not None else None, rank1=float(clean.rank(1)),
                        mAP=float(clean.mAP), mINP=float(clean.mINP),
                        occluded={f"{r:g}": (float(v.rank(1)), float(v.mAP)) for r, v in results.items() if r > 0},
-                       seconds=time.perf_counter() - start, machine=_machine())
+                       seconds=time.perf_counter() - start, machine=machine_description(_device()))
     with atomic_path(Path(cfg.output_dir) / RECORD) as tmp:
         tmp.write_text(json.dumps(asdict(record), indent=1))
     return record
@@ -195,8 +183,6 @@ def read_record(grid: Grid, row: str, seed: int, out: Path) -> RunRecord | None:
 
 def _step_seconds(cfg: Config, steps: int = 3) -> float:
     """Seconds of one training step of ``cfg``'s network on a random batch (after one untimed step)."""
-    import torch
-
     from cgpn.engine.checkpoint import build_model_from_config
     from cgpn.engine.inference import resolve_device
     from cgpn.engine.precision import resolve_precision
@@ -278,7 +264,7 @@ def run_study(grid: Grid, out: str | Path, dry_run: bool = False,
     todo = [key for key in plan if key not in finished]
     estimates = estimate_seconds(grid, todo, done, out) if todo else {}
     report(f"study: {len(grid.rows)} settings x {len(grid.seeds)} seeds = {len(plan)} runs, {len(done)} finished; "
-           f"ETA {_duration(sum(estimates[r] for r, _ in todo))} on {_machine()} "
+           f"ETA {_duration(sum(estimates[r] for r, _ in todo))} on {machine_description(_device())} "
            f"({', '.join(f'{row} ~{_duration(s)}' for row, s in estimates.items()) or 'nothing to run'})")
     if dry_run:
         return done

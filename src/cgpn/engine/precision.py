@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from cgpn.config import CHOICES
 from cgpn.errors import ConfigError
 
-__all__ = ["PRECISIONS", "Precision", "cpu_has_native_bf16", "resolve_precision"]
+__all__ = ["CPU_FLAGS", "PRECISIONS", "Precision", "cpu_has_native_bf16", "machine_description", "resolve_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,32 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 path either
         return False
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides the fast paths on a CPU
+
+
+def machine_description(device: torch.device | str = "cpu") -> str:
+    """What a figure was measured on, in one line: the GPU's name, or the CPU's model, its vector and
+    matrix flags (``CPU_FLAGS``), its cores, torch's threads and whether bf16 is native (figures differ
+    several-fold between such CPUs)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    model, flags, cores = "unknown CPU", set(), 0
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name":
+                model, cores = value.strip(), cores + 1
+            elif key == "flags":
+                flags = set(value.split())
+    except OSError:  # not Linux: the model and flags are unknown here
+        pass
+    have = [f for f in CPU_FLAGS if f in flags] or ["flags unknown"]
+    return (f"{model}, {cores or '?'} cores, {' '.join(have)}, {torch.get_num_threads()} torch threads, bf16 "
+            f"{'native' if cpu_has_native_bf16() else 'emulated'} (torch {torch.__version__})")
 
 
 @dataclass(frozen=True)
