@@ -9,8 +9,10 @@ names the popular trackers call:
   ``embeds=deepsort_embeds(frame, detections)`` to ``update_tracks``.
 
 Crops are cut from the frame, resized to the network's input size and normalised in one batched tensor
-operation (``torchvision.ops.roi_align`` over the frame: bilinear, 2 x 2 samples per output pixel), where the
-network runs, then go through ``cgpn.runtime.Runtime`` (the backends of ``FeatureExtractor``).
+operation where the network runs: one ``grid_sample`` over the frame reads 2 x 2 bilinear samples per pixel of
+the network's input for every box, averaged (antialiasing the usual 2-4x downscale, like PIL's resize the
+network was trained with). Only the part of the frame the boxes cover is converted to float. The crops then
+go through ``cgpn.runtime.Runtime`` (the backends of ``FeatureExtractor``).
 
 Example (deep-sort-realtime, detections as ``[([left, top, w, h], confidence, class), ...]``):
     >>> from deep_sort_realtime.deepsort_tracker import DeepSort
@@ -22,14 +24,15 @@ Example (deep-sort-realtime, detections as ``[([left, top, w, h], confidence, cl
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
 from cgpn.config import Config
 from cgpn.errors import ConfigError, ImageError
@@ -39,8 +42,9 @@ __all__ = ["SAMPLES", "TrackerEmbedder"]
 
 logger = logging.getLogger(__name__)
 
-# Bilinear samples per output pixel along each axis (roi_align's sampling_ratio): 2 x 2 points averaged per
-# pixel of the network's input, so that the usual 2-4x downscale of a person box does not alias much.
+# Bilinear samples per output pixel along each axis: 2 x 2 points averaged per pixel of the network's input,
+# so that the usual 2-4x downscale of a person box does not alias much (benchmarks/embed_speed.py: 1.7x the
+# cost of 1 x 1, still under the per-crop PIL pipeline's).
 SAMPLES = 2
 
 
@@ -113,8 +117,7 @@ class TrackerEmbedder:
         self._where = torch.device("cpu") if self.backend == "onnx" else self.device
         mean, std = torch.tensor(self.runtime.mean), torch.tensor(self.runtime.std)
         # (x / 255 - mean) / std on 8-bit values x, as one multiply-add
-        self._scale = (1 / (255 * std)).view(1, 3, 1, 1).to(self._where)
-        self._shift = (-mean / std).view(1, 3, 1, 1).to(self._where)
+        self._scale, self._shift = (1 / (255 * std)).to(self._where), (-mean / std).to(self._where)
         # the feature of a box with no pixel to look at: fixed, of unit length, the same for every network
         self.blank = np.full(self.embedding_dim, 1 / np.sqrt(self.embedding_dim), np.float32)
 
@@ -148,14 +151,12 @@ class TrackerEmbedder:
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
         valid = np.isfinite(boxes).all(1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         if not valid.any():
-            return self._embed(torch.empty(0), np.zeros((len(boxes), 5)), valid)
+            return self._embed(torch.empty(0), boxes, valid)
         # only the part of the frame the boxes cover becomes float, with the pixel bilinear sampling reads
         # past each edge: the same samples as over the whole frame
         x0, y0 = (max(0, int(np.floor(boxes[valid, i].min())) - 1) for i in (0, 1))
         x1, y1 = (min(n, int(np.ceil(boxes[valid, i].max())) + 1) for i, n in ((2, width), (3, height)))
-        rois = np.zeros((len(boxes), 5))
-        rois[:, 1:] = boxes - (x0, y0, x0, y0)
-        return self._embed(self._planes(torch.from_numpy(frame[y0:y1, x0:x1])[None]), rois, valid)
+        return self._embed(self._planes(frame[None, y0:y1, x0:x1]), boxes - (x0, y0, x0, y0), valid)
 
     def embed_crops(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """Features (N, D) float32 of crops, each (h, w, 3) uint8 of its own size (an empty one gets ``blank``)."""
@@ -167,41 +168,63 @@ class TrackerEmbedder:
             # so that bilinear sampling at its edge reads the crop, not the padding
             canvas = np.zeros((len(chunk), max(c.shape[0] for c in chunk) + 1, max(c.shape[1] for c in chunk) + 1,
                                3), np.uint8)
-            rois = np.zeros((len(chunk), 5))
+            boxes = np.zeros((len(chunk), 4))
             for i, crop in enumerate(chunk):
                 h, w = crop.shape[:2]
                 if h and w:
                     canvas[i, :h, :w] = crop
                     canvas[i, h, :w] = crop[-1]
                     canvas[i, :h + 1, w] = canvas[i, :h + 1, w - 1]
-                rois[i] = (i, 0, 0, w, h)
-            valid = (rois[:, 3] > 0) & (rois[:, 4] > 0)
-            out[start:start + len(chunk)] = self._embed(self._planes(torch.from_numpy(canvas)), rois, valid)
+                boxes[i, 2:] = w, h
+            valid = (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
+            out[start:start + len(chunk)] = self._embed(self._planes(canvas), boxes, valid)
         return out
 
     # --- the batched path --------------------------------------------------------------------------------
 
-    def _planes(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(K, H, W, 3) uint8 -> (K, 3, H, W) float32 8-bit values in RGB order where crops are made, in one pass
-        (uint8 travels to a GPU: a quarter of the bytes)."""
-        pixels = pixels.to(self._where, non_blocking=True)
-        planes = torch.empty(pixels.shape[0], 3, *pixels.shape[1:3], device=self._where)
-        for out_channel, channel in enumerate((2, 1, 0) if self.bgr else (0, 1, 2)):
-            planes[:, out_channel].copy_(pixels[..., channel])
-        return planes
+    def _planes(self, pixels: np.ndarray) -> torch.Tensor:
+        """(K, H, W, 3) uint8 -> (K, 3, H, W) float32 8-bit values where crops are made, channels last (one pass
+        over the pixels; uint8 travels to a GPU: a quarter of the bytes)."""
+        with warnings.catch_warnings():  # a read-only frame (decoded by PyAV, say) is only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            pixels = torch.from_numpy(pixels)
+        return pixels.to(self._where, non_blocking=True).permute(0, 3, 1, 2).float()
 
-    def _embed(self, planes: torch.Tensor, rois: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Features (N, D) of the boxes ``rois`` (N, 5: image index, x1, y1, x2, y2) of ``planes``, ``batch_size``
-        at a time; rows not ``valid`` (no pixel to look at) get ``blank``."""
-        out = np.empty((len(rois), self.embedding_dim), np.float32)
+    def _resample(self, planes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Normalised crops (n, 3, H, W) of ``boxes`` (n, 4: x1, y1, x2, y2, pixel edges) in ``planes``: one image
+        for all boxes, or one per box. ``SAMPLES`` x ``SAMPLES`` bilinear samples per output pixel, averaged."""
+        (height, width), s, n = self.input_shape, SAMPLES, len(boxes)
+        u = (torch.arange(width * s, device=boxes.device) + 0.5) / (width * s)  # sample centres in (0, 1)
+        v = (torch.arange(height * s, device=boxes.device) + 0.5) / (height * s)
+        grid = torch.empty(n, height * s, width * s, 2, device=boxes.device)  # x, y in [-1, 1]: the image's edges
+        grid[..., 0] = ((boxes[:, 0:1] + u * (boxes[:, 2:3] - boxes[:, 0:1])) * (2 / planes.shape[3]) - 1)[:, None]
+        grid[..., 1] = ((boxes[:, 1:2] + v * (boxes[:, 3:4] - boxes[:, 1:2])) * (2 / planes.shape[2]) - 1)[..., None]
+        if len(planes) == 1:  # all boxes in one frame: their sample rows one under the other
+            grid = grid.view(1, n * height * s, width * s, 2)
+        x = F.grid_sample(planes, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        rows = x[:, :, 0::s]  # sums of s x s samples: rows, then columns (whole rows add fastest)
+        for i in range(1, s):
+            rows = rows + x[:, :, i::s]
+        x = rows[..., 0::s]
+        for j in range(1, s):
+            x = x + rows[..., j::s]
+        x = x.reshape(3, n, height, width).transpose(0, 1) if len(planes) == 1 else x
+        crops = torch.empty(n, 3, height, width, device=x.device)
+        for c, source in enumerate((2, 1, 0) if self.bgr else (0, 1, 2)):  # RGB, (x / 255 - mean) / std
+            torch.addcmul(self._shift[c], x[:, source], self._scale[c] / s ** 2, out=crops[:, c])
+        return crops
+
+    def _embed(self, planes: torch.Tensor, boxes: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Features (N, D) of ``boxes`` (N, 4) in ``planes`` (one image, or one per box), ``batch_size`` at a
+        time; rows not ``valid`` (no pixel to look at) get ``blank``."""
+        out = np.empty((len(boxes), self.embedding_dim), np.float32)
         out[~valid] = self.blank
         index = np.flatnonzero(valid)
-        rois = torch.as_tensor(rois[index], dtype=torch.float32).to(self._where)
+        boxes = torch.as_tensor(boxes[index], dtype=torch.float32).to(self._where)
         for start in range(0, len(index), self.batch_size):
             part = slice(start, start + self.batch_size)
-            crops = roi_align(planes, rois[part], self.input_shape, spatial_scale=1.0, sampling_ratio=SAMPLES,
-                              aligned=True)  # (n, 3, H, W): box corners on pixel edges, samples at pixel centres
-            out[index[part]] = self.runtime(crops.mul_(self._scale).add_(self._shift)).numpy()
+            images = planes if len(planes) == 1 else planes[index[part]]
+            out[index[part]] = self.runtime(self._resample(images, boxes[part])).numpy()
         bad = ~np.isfinite(out).all(1) | (np.linalg.norm(out, axis=1) < 0.5)
         if bad.any():  # a network that gives a zero or non-finite feature: BoxMOT would divide by zero
             logger.warning("%d of %d features were zero or not finite; replaced by the blank feature",
