@@ -111,6 +111,17 @@ def test_boxes_are_clipped_to_the_frame(emb: TrackerEmbedder, reference: Feature
     assert cosines(got, by_hand(reference, rgb, clipped)).min() >= COS
 
 
+def test_a_box_reads_the_same_pixels_alone_or_with_others(emb: TrackerEmbedder) -> None:
+    """Only the part of the frame the boxes cover is converted: a small box at fractional corners (upsampled,
+    so bilinear sampling reads the pixel past each edge) gives the same feature alone as beside a far one."""
+    rgb, _ = people_frame()
+    small = np.array([[101.3, 60.6, 117.8, 92.2]])
+    far = np.array([[250.0, 150.0, 310.0, 235.0]])
+    alone = emb(rgb, small)
+    np.testing.assert_allclose(emb(rgb, np.concatenate([far, small]))[1:], alone, atol=1e-5)
+    np.testing.assert_allclose(emb(rgb, np.concatenate([small, far]))[:1], alone, atol=1e-5)
+
+
 def test_boxes_outside_or_empty_give_a_fixed_unit_vector(emb: TrackerEmbedder) -> None:
     rgb, boxes = people_frame()
     bgr = np.ascontiguousarray(rgb[..., ::-1])
