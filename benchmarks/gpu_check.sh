@@ -26,6 +26,10 @@ timeout 60 python3 benchmarks/infer_speed.py --device cuda --paths eager,channel
     --data-root /tmp/cgpn-synth 2>&1 \
     | tail -6 | tee "$OUT/infer_speed.txt"
 
+step "tracker embedder (20 boxes in a 1080p frame, demo-size network)"
+timeout 90 python3 benchmarks/embed_speed.py --device cuda --backends eager,bf16 --repeats 5 2>&1 \
+    | grep -v Warning | tail -4 | tee "$OUT/embed_speed.txt"
+
 step "evaluation (Market-1501 size) and re-ranking"
 timeout 60 python3 benchmarks/eval_speed.py --device cuda --repeat 3 2>&1 | tail -4 | tee "$OUT/eval_speed.txt"
 timeout 60 python3 benchmarks/rerank_speed.py --device cuda --skip-peer 2>&1 | tail -4 | tee "$OUT/rerank_speed.txt"

@@ -54,3 +54,23 @@ def test_feature_extractor_on_cuda_matches_cpu(tiny_synth: Path) -> None:
         feats = FeatureExtractor(model, device="cuda", backend=backend, config=cfg, progress=False)(paths)
         assert feats.shape == ref.shape == (12, 3072)
         assert (1 - F.cosine_similarity(ref, feats.float().cpu())).max() < tol, backend
+
+
+def test_tracker_embedder_on_cuda_matches_cpu() -> None:
+    """TrackerEmbedder makes the crops on the GPU (uint8 frame uploaded, grid_sample there): same features as
+    on the CPU."""
+    import numpy as np
+
+    from cgpn.model import build_model
+    from cgpn.track.embedder import TrackerEmbedder
+
+    model = build_model("cgpn", num_classes=8, backbone="resnet18", pretrained=False).eval()
+    cfg = load_config(None, ["data.height=64", "data.width=32"])
+    rng = np.random.default_rng(0)
+    frame = np.repeat(np.repeat(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8), 4, 0), 4, 1)  # 240 x 320
+    boxes = np.array([[10.5, 20, 70, 200], [100, 30.25, 160, 230], [250, 100, 330, 260], [-40, -40, -1, -1]])
+    ref = TrackerEmbedder(model, device="cpu", backend="eager", config=cfg)(frame, boxes)
+    for backend, tol in (("eager", 1e-3), ("bf16", 2e-2)):
+        feats = TrackerEmbedder(model, device="cuda", backend=backend, config=cfg)(frame, boxes)
+        assert feats.shape == ref.shape == (4, 3072) and np.isfinite(feats).all()
+        assert (1 - (feats * ref).sum(1)).max() < tol, backend
