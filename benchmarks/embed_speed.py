@@ -15,7 +15,6 @@ the work itself, the least disturbed by whatever else the machine runs).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -23,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine_line
 from PIL import Image
 
 from cgpn.config import load_config
 from cgpn.engine.checkpoint import build_model_from_config
+from cgpn.engine.precision import machine_description
 from cgpn.extractor import FeatureExtractor
 from cgpn.track.embedder import SAMPLES, TrackerEmbedder
 
@@ -140,7 +139,7 @@ def main() -> int:
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = "not installed"
-    print(f"machine: {machine_line()}; onnxruntime {ort_version}; load average {os.getloadavg()[0]:.1f}")
+    print(f"machine: {machine_description(args.device)}; onnxruntime {ort_version}")
     heights = boxes[:, 3] - boxes[:, 1]
     print(f"{args.boxes} boxes {heights.min():.0f}-{heights.max():.0f} px tall in a 1920x1080 frame; {what}; "
           f"grid_sample with {SAMPLES}x{SAMPLES} samples per pixel; median of {args.repeats} rounds")

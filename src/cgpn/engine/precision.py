@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides the fast paths on a CPU
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")  # what decides the fast paths
 
 
 def machine_description(device: torch.device | str = "cpu") -> str:
@@ -61,8 +62,9 @@ def machine_description(device: torch.device | str = "cpu") -> str:
     except OSError:  # not Linux: the model and flags are unknown here
         pass
     have = [f for f in CPU_FLAGS if f in flags] or ["flags unknown"]
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return (f"{model}, {cores or '?'} cores, {' '.join(have)}, {torch.get_num_threads()} torch threads, bf16 "
-            f"{'native' if cpu_has_native_bf16() else 'emulated'} (torch {torch.__version__})")
+            f"{'native' if cpu_has_native_bf16() else 'emulated'} (torch {torch.__version__}){load}")
 
 
 @dataclass(frozen=True)
