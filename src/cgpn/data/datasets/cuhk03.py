@@ -80,8 +80,8 @@ def read_protocol(path: Path) -> CUHK03Protocol:
                f"(e.g. {CONFIG_MAT.format(variant='labeled')})"
     try:
         mat = loadmat(str(path))
-    except (ValueError, TypeError, OSError, NotImplementedError) as err:
-        kind = "a MATLAB v7.3 (HDF5) file" if _is_hdf5(path) else str(err).splitlines()[0]
+    except Exception as err:  # scipy raises many kinds (MatReadError on an empty file)
+        kind = "a MATLAB v7.3 (HDF5) file" if _is_hdf5(path) else (str(err).splitlines() or ["nothing readable"])[0]
         raise DatasetError(f"'{path}' is not a CUHK03 split file: expected {expected}, found {kind}") from None
     keys = ("filelist", "labels", "camId", "train_idx", "query_idx", "gallery_idx")
     missing = [k for k in keys if k not in mat]
@@ -127,7 +127,11 @@ def extract_cuhk03_images(mat_path: Path, variant: str, out_dir: Path, progress:
     if not _is_hdf5(mat_path):
         header = mat_path.read_bytes()[:40].decode("latin-1").split(",")[0].strip() or "an empty file"
         raise DatasetError(f"'{mat_path}' is not {expected}: found {header!r} (not HDF5; is it a split file?)")
-    with h5py.File(mat_path, "r") as mat:
+    try:
+        mat = h5py.File(mat_path, "r")
+    except OSError as err:  # a truncated copy
+        raise DatasetError(f"'{mat_path}' is not {expected}: {str(err).splitlines()[0]}") from None
+    with mat:
         if not isinstance(mat.get(variant), h5py.Dataset) or mat[variant].dtype != h5py.ref_dtype:
             found = ", ".join(k for k in mat if not k.startswith("#")) or "no variables"
             raise DatasetError(f"'{mat_path}' is not {expected}: found {found}")
