@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -130,6 +131,28 @@ def test_a_second_run_in_a_busy_folder_stops_naming_the_first(tiny_synth: Path, 
         first.wait(timeout=60)
     with lock_folder(run, "output_dir"):  # released with the killed process
         pass
+
+
+def test_a_fresh_run_into_a_busy_folder_stops_before_writing(tiny_synth: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """A fresh start (no --resume) into a folder another process holds: one line naming the holder, and not a
+    file written (the holder has no checkpoint yet, so only the lock can tell)."""
+    from cgpn.cli import main
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom cgpn.files import lock_folder\n"
+                               "with lock_folder(sys.argv[1]):\n    print('locked', flush=True)\n    sys.stdin.read()",
+                               str(run)], env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code = main(["-q", "train", *(a for s in tiny_overrides(tiny_synth, run) for a in ("--set", s))])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"is in use by another process (pid {holder.pid} on host {socket.gethostname()}" in err
+        assert sorted(p.name for p in run.iterdir()) == [".cgpn-lock"]
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
 
 
 # --- DDP -------------------------------------------------------------------------------------------

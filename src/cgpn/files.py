@@ -27,6 +27,7 @@ import errno
 import fcntl
 import glob
 import json
+import logging
 import os
 import pickletools
 import shutil
@@ -51,6 +52,7 @@ __all__ = [
     "input_file",
     "load_torch_file",
     "lock_folder",
+    "mark_in_progress",
     "new_file_mode",
     "other_name",
     "reading",
@@ -58,6 +60,8 @@ __all__ = [
     "remove_stale_temporaries",
     "write_folder",
 ]
+
+logger = logging.getLogger(__name__)
 
 FOLDER_MARKER = ".cgpn-folder.json"  # in a folder write_folder made: which command wrote it
 LOCK_NAME = ".cgpn-lock"  # in a folder lock_folder holds: who holds it
@@ -87,12 +91,20 @@ def _temporary_affixes(path: Path) -> tuple[str, str]:
 
 
 def _lock_exclusive(fd: int) -> bool:
-    """Take an exclusive ``flock`` on ``fd`` without waiting; False if another open file holds one."""
+    """Take an exclusive ``flock`` on ``fd`` without waiting; False if another open file holds one. Other
+    failures (a file system without locks) raise OSError."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     return True
+
+
+def mark_in_progress(fd: int) -> None:
+    """Mark the temporary file or folder open as ``fd`` as being written, until ``fd`` is closed:
+    ``remove_abandoned`` leaves it alone (a no-op where the file system has no locks)."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 def remove_stale_temporaries(path: PathLike) -> list[Path]:
@@ -111,12 +123,15 @@ def remove_abandoned(temporaries: Iterable[PathLike]) -> list[Path]:
     """
     removed = []
     for candidate in map(Path, temporaries):
-        try:
-            fd = os.open(candidate, os.O_RDONLY)
-        except OSError:  # gone meanwhile, or not ours to read
+        try:  # NFS locks a file exclusively only if it is open for writing
+            fd = os.open(candidate, os.O_RDONLY if candidate.is_dir() else os.O_RDWR)
+        except OSError:  # gone meanwhile, or not ours to write
             continue
         try:
-            if not _lock_exclusive(fd):
+            try:
+                if not _lock_exclusive(fd):
+                    continue
+            except OSError:  # no locks here: no telling whether a writer is alive, so keep it
                 continue
             if candidate.is_dir() and not candidate.is_symlink():
                 shutil.rmtree(candidate, ignore_errors=True)
@@ -148,7 +163,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     except OSError as err:  # named after the file the user asked for, not the temporary one
         raise type(err)(err.errno, f"cannot write a file there ({err.strerror})", str(path)) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # "being written": remove_stale_temporaries leaves it alone
+        mark_in_progress(fd)
         os.fchmod(fd, new_file_mode())
         yield Path(tmp)
         written = os.open(tmp, os.O_RDONLY)  # the writer may have replaced the file: sync what is there now
@@ -267,7 +282,7 @@ def write_folder(path: PathLike, command: str) -> Iterator[Path]:
         raise ConfigError(f"cannot write the folder '{path}' ({err.strerror or err}); choose another place") from None
     fd = os.open(tmp, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # "being written": remove_stale_temporaries leaves it alone
+        mark_in_progress(fd)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0o700
         yield tmp
         stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -307,7 +322,13 @@ def lock_folder(path: PathLike, what: str = "folder", hint: str = "choose anothe
     except OSError as err:
         raise ConfigError(f"{what} '{path}' is not writable ({err.strerror or err}); {hint}") from None
     try:
-        if not _lock_exclusive(fd):
+        try:
+            free = _lock_exclusive(fd)
+        except OSError as err:  # a file system without locks: go on, unguarded
+            logger.warning("cannot lock %s '%s' (%s): nothing keeps a second process from writing there too",
+                           what, path, err.strerror or err)
+            free = True
+        if not free:
             raise FolderInUseError(f"{what} '{path}' is in use by another process ({_holder(fd)}); wait for it to "
                                    f"end, or {hint}")
         holder = {"pid": os.getpid(), "host": socket.gethostname(),

@@ -383,8 +383,8 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None,
     precision = resolve_precision(e.precision, device)
     out = Path(cfg.output_dir)
     checkpointer = Checkpointer(out, e.keep_last)
-    locked = bool(resume) and env.is_main and out.is_dir()
-    if locked:  # no other process writes the run while this one reads it (other cases: locked below)
+    locked = env.is_main and out.is_dir()
+    if locked:  # no other process writes a run there while this one reads it (a new folder: locked below)
         _lock_run_folder(out, held)
 
     ckpt_path, state = None, None

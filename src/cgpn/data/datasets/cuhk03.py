@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from cgpn.data.datasets.base import MarketLayoutDataset, ReidDataset, Sample, describe_folder, relabel
 from cgpn.errors import DatasetError
-from cgpn.files import new_file_mode
+from cgpn.files import mark_in_progress, new_file_mode, remove_abandoned
 
 __all__ = ["CUHK03", "CUHK03Protocol", "extract_cuhk03_images", "read_protocol"]
 
@@ -145,6 +145,7 @@ def extract_cuhk03_images(mat_path: Path, variant: str, out_dir: Path, progress:
             jobs += [(pair, person, image, refs[image, person])
                      for person in range(refs.shape[1]) for image in range(10)]
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(out_dir.glob(".*.png.*.tmp"))  # images a killed extraction left half-written
         names, mode = [], new_file_mode()
         for pair, person, image, ref in tqdm(jobs, desc=f"extract {variant}", unit="img", disable=not progress):
             pixels = np.asarray(mat[ref])
@@ -155,8 +156,9 @@ def extract_cuhk03_images(mat_path: Path, variant: str, out_dir: Path, progress:
             fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
             os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as f:
+                mark_in_progress(fd)  # until renamed: remove_abandoned leaves it alone
                 Image.fromarray(np.ascontiguousarray(pixels.transpose(2, 1, 0)).astype(np.uint8)).save(f, format="PNG")
-            os.replace(tmp, out_dir / name)
+                os.replace(tmp, out_dir / name)
             names.append(name)
     logger.info("extracted %d %s images from %s to %s", len(names), variant, mat_path, out_dir)
     return set(names)
