@@ -239,6 +239,17 @@ class _Payload:
         return os.system, (f"touch {self.sentinel}",)
 
 
+def _onnx_of(checkpoint: Path) -> Path:
+    """The ONNX graph of ``checkpoint`` (exported once, beside it)."""
+    from cgpn.engine.checkpoint import load_model
+    from cgpn.export import export_onnx
+
+    path = checkpoint.with_suffix(".onnx")
+    if not path.is_file():
+        export_onnx(load_model(checkpoint)[0], path, 64, 32)
+    return path
+
+
 def _bad_checkpoint(kind: str, tmp: Path, good: Path) -> Path:
     path = tmp / f"{kind}.pt"
     if kind == "empty":
@@ -248,10 +259,7 @@ def _bad_checkpoint(kind: str, tmp: Path, good: Path) -> Path:
     elif kind == "random":
         path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     elif kind == "onnx":
-        from cgpn.engine.checkpoint import load_model
-        from cgpn.export import export_onnx
-
-        export_onnx(load_model(good)[0], path, 64, 32)
+        shutil.copy(_onnx_of(good), path)
     elif kind == "pickle_with_code":
         path.write_bytes(pickle.dumps({"model": _Payload(tmp / "code_ran")}))
     elif kind == "folder":
@@ -399,3 +407,18 @@ def test_every_verb_prints_help(capsys: pytest.CaptureFixture) -> None:
         with pytest.raises(SystemExit) as exit_:
             main([*verb, "--help"])
         assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"usage: cgpn {' '.join(verb)}")
+
+
+def test_a_checkpoint_of_a_run_with_a_blank_output_dir_still_loads(tmp_path: Path, checkpoint: Path) -> None:
+    """output_dir='' is now refused (it trained into the current folder); a checkpoint such a run wrote still
+    loads, its run folder taken to be the checkpoint's folder."""
+    from cgpn.config import load_config
+    from cgpn.engine.checkpoint import load_model
+    from cgpn.errors import ConfigError
+
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["output_dir"] = ""
+    torch.save(state, tmp_path / "old.pt")
+    assert load_model(tmp_path / "old.pt")[1].output_dir == str(tmp_path)
+    with pytest.raises(ConfigError, match="config key 'output_dir' must name a folder for the run"):
+        load_config(None, ["output_dir=  "])

@@ -76,9 +76,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.resume != "auto" and not args.config:  # the run's own settings, then --set
-        from cgpn.engine.checkpoint import load_checkpoint
+        from cgpn.engine.checkpoint import load_checkpoint, stored_config
 
-        cfg = apply_overrides(Config.from_dict(load_checkpoint(args.resume)["config"]), _shorthands(args))
+        cfg = apply_overrides(stored_config(load_checkpoint(args.resume), args.resume), _shorthands(args))
         cfg.validate()
     else:
         cfg = _config(args)  # a mistake in the settings shows before torch loads

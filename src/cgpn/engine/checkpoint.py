@@ -43,6 +43,7 @@ __all__ = [
     "save_checkpoint",
     "state_nbytes",
     "step_checkpoints",
+    "stored_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def stored_config(state: dict[str, Any], path: str | Path) -> Config:
+    """The config a checkpoint ``state`` (read from ``path``) was trained with. An ``output_dir`` left blank
+    (cgpn once accepted that, and trained into the current folder) becomes the checkpoint's folder."""
+    values = dict(state["config"])
+    if not str(values.get("output_dir", "runs")).strip():
+        values["output_dir"] = str(Path(path).parent)
+    return Config.from_dict(values)
+
+
 def build_model_from_config(cfg: Config, num_classes: int, pretrained: bool | str | None = None) -> CGPN:
     """The network ``cfg.model`` describes (``pretrained`` overrides ``cfg.model.pretrained``)."""
     m = cfg.model
@@ -80,7 +90,7 @@ def load_model(path: str | Path) -> tuple[CGPN, Config]:
     """Rebuild the network stored in a checkpoint, with its weights, and the config it was trained with."""
     state = load_checkpoint(path)
     try:
-        cfg = Config.from_dict(state["config"])
+        cfg = stored_config(state, path)
         model = build_model_from_config(cfg, state["num_classes"], pretrained=False)
     except KeyError as err:
         raise CheckpointError(f"checkpoint '{path}' has no {err}; pass {EXPECTED} instead") from None
