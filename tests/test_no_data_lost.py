@@ -9,6 +9,8 @@ import pickle
 import re
 import shlex
 import shutil
+import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -328,29 +330,40 @@ def test_a_torn_last_row_of_metrics_csv_is_dropped_on_resume_and_in_show_curves(
                    f"'2,1,train/total' (damaged; delete that line)"
 
 
+def _png16(path: Path, pixels: np.ndarray) -> Path:
+    """A 16-bit PNG of (H, W) grey or (H, W, 3) RGB ``pixels``, encoded here from the PNG specification (one
+    zlib stream of scanlines, each with filter 0 and big-endian samples), not by PIL."""
+    h, w = pixels.shape[:2]
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 0 if pixels.ndim == 2 else 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
+
+
 def test_a_16_bit_png_is_decoded_to_its_high_byte_not_white(tmp_path: Path, checkpoint: Path) -> None:
     """Issue 13: a 16-bit grey PNG was read as white and gave a wrong feature without a word. It now gives
-    the image's high byte, as PIL gives for a 16-bit RGB PNG, and the feature of the same image in 8 bits.
-    The files are written with OpenCV, an encoder independent of PIL."""
-    cv2 = pytest.importorskip("cv2")
+    the image's high byte, as PIL gives for a 16-bit RGB PNG, and the feature of the same image in 8 bits."""
     from cgpn.data.check import decode_problem
     from cgpn.data.loader import read_image
     from cgpn.errors import ImageError
     from cgpn.extractor import FeatureExtractor
 
     values = (np.arange(64 * 32, dtype=np.uint32) * 31 % 65536).astype(np.uint16).reshape(64, 32)
-    cv2.imwrite(str(tmp_path / "grey16.png"), values)
-    cv2.imwrite(str(tmp_path / "rgb16.png"), np.stack([values] * 3, axis=-1))
     high = (values >> 8).astype(np.uint8)  # by hand: 0x1234 -> 0x12
-    for name in ("grey16.png", "rgb16.png"):
-        got = np.asarray(read_image(str(tmp_path / name)))
+    for name, pixels in (("grey16.png", values), ("rgb16.png", np.stack([values] * 3, axis=-1))):
+        got = np.asarray(read_image(str(_png16(tmp_path / name, pixels))))
         assert got.shape == (64, 32, 3) and (got == high[..., None]).all(), name
     Image.fromarray(high).save(tmp_path / "grey8.png")
     extractor = FeatureExtractor(checkpoint, device="cpu", backend="eager")
     f16, f8 = extractor([tmp_path / "grey16.png", tmp_path / "grey8.png"])
     assert torch.equal(f16, f8)
 
-    cv2.imwrite(str(tmp_path / "float.tif"), np.full((8, 4), 0.5, np.float32))  # no agreed scale: refused
+    Image.fromarray(np.full((8, 4), 0.5, np.float32)).save(tmp_path / "float.tif")  # no agreed scale: refused
     with pytest.raises(ImageError, match=r"cannot read image '.*float.tif': floating-point pixels"):
         read_image(str(tmp_path / "float.tif"))
     assert decode_problem(str(tmp_path / "float.tif"))[0].startswith("ValueError: floating-point pixels")
