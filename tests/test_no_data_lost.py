@@ -434,4 +434,4 @@ def test_a_checkpoint_of_a_run_with_a_blank_output_dir_still_loads(tmp_path: Pat
     torch.save(state, tmp_path / "old.pt")
     assert load_model(tmp_path / "old.pt")[1].output_dir == str(tmp_path)
     with pytest.raises(ConfigError, match="config key 'output_dir' must name a folder for the run"):
-        load_config(None, ["output_dir=  "])
+        load_config(None, ["output_dir="])
