@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from _code_payload import CodePayload
 from _engine_tiny import cli_env
 from cgpn.errors import CheckpointError, ConfigError, DatasetError, FolderInUseError
 from cgpn.files import (
@@ -247,16 +248,6 @@ def _onnx_model(path: Path) -> Path:
     return path
 
 
-class _Payload:
-    """Pickles to a call of os.system that would create a file: loading must never run it."""
-
-    def __init__(self, sentinel: Path) -> None:
-        self.sentinel = sentinel
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.sentinel}",)
-
-
 def test_files_are_described_by_their_bytes_and_torch_files_never_run_code(tmp_path: Path) -> None:
     """Every file is named x.pt: what it is comes from its content, not its name."""
     import numpy as np
@@ -271,9 +262,9 @@ def test_files_are_described_by_their_bytes_and_torch_files_never_run_code(tmp_p
     files["random"].write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
     files["onnx"] = _onnx_model(tmp_path / "onnx.pt")
     files["pickle"] = tmp_path / "pickle.pt"
-    files["pickle"].write_bytes(pickle.dumps(_Payload(sentinel)))
+    files["pickle"].write_bytes(pickle.dumps(CodePayload(sentinel)))
     files["torch_code"] = tmp_path / "torch_code.pt"
-    torch.save({"model": _Payload(sentinel)}, files["torch_code"])
+    torch.save({"model": CodePayload(sentinel)}, files["torch_code"])
     whole = tmp_path / "whole.pt"
     torch.save({"model": {"w": torch.zeros(1000)}}, whole)
     files["truncated"] = tmp_path / "truncated.pt"

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _code_payload import CodePayload
 from _engine_tiny import tiny_overrides
 from cgpn.engine.events import MetricsWriter, read_metrics
 from cgpn.retrieval import FeatureFile, GalleryIndex, save_features
@@ -233,14 +234,6 @@ def test_values_and_output_places_are_checked_before_the_work(case: str, checkpo
 # --- classes 5 and 6: files that are there but wrong ------------------------------------------------------
 
 
-class _Payload:
-    def __init__(self, sentinel: Path) -> None:
-        self.sentinel = sentinel
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.sentinel}",)
-
-
 def _onnx_of(checkpoint: Path) -> Path:
     """The ONNX graph of ``checkpoint`` (exported once, beside it)."""
     from cgpn.engine.checkpoint import load_model
@@ -263,7 +256,7 @@ def _bad_checkpoint(kind: str, tmp: Path, good: Path) -> Path:
     elif kind == "onnx":
         shutil.copy(_onnx_of(good), path)
     elif kind == "pickle_with_code":
-        path.write_bytes(pickle.dumps({"model": _Payload(tmp / "code_ran")}))
+        path.write_bytes(pickle.dumps({"model": CodePayload(tmp / "code_ran")}))
     elif kind == "folder":
         path.mkdir()
     return path
