@@ -178,6 +178,16 @@ def test_mat_extraction_matches_torchreid(tmp_path: Path, variant: str) -> None:
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamp
 
 
+def test_a_killed_extractions_half_written_image_is_removed_by_the_next(tmp_path: Path) -> None:
+    """Issue 13: temporaries of killed writes go the next time that output is written."""
+    cuhk03_official_tree(tmp_path)
+    cache = tmp_path / "cuhk03" / "images_labeled"
+    cache.mkdir(parents=True)
+    (cache / ".1_001_1_01.png.k2x9q0ab.tmp").write_bytes(b"half a png")  # what a SIGKILL mid-write leaves
+    data = CUHK03(tmp_path, labeled=True, verify_counts="ignore", progress=False)
+    assert not list(cache.glob(".*")) and (len(data.query), len(data.gallery)) == (6, 24)
+
+
 def test_mat_errors(tmp_path: Path) -> None:
     base = cuhk03_official_tree(tmp_path / "a")
     release = base / "cuhk03_release"

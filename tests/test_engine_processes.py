@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -90,6 +91,68 @@ def test_ctrl_c_saves_and_exits_cleanly(tiny_synth: Path, tmp_path: Path) -> Non
     assert 2 <= state["step"] < 12  # no checkpoint_steps set: this one exists only because of Ctrl-C
     assert state["step"] == _logged_step(run)  # saved after the last completed iteration
     assert (state["epoch"], state["batch"]) == divmod(state["step"], 6)
+
+
+def test_a_second_run_in_a_busy_folder_stops_naming_the_first(tiny_synth: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """Issue 13: two ``cgpn train --resume auto`` into one output_dir both exited 0, the second replacing the
+    first's checkpoints and metrics. Now the second stops in one line naming the first (pid, host, start time)
+    before it reads or writes anything there; the first trains on; the lock goes when its process is killed."""
+    import yaml
+
+    from cgpn.cli import main
+    from cgpn.files import lock_folder
+
+    run = tmp_path / "run"
+    first = subprocess.Popen(train_cmd(tiny_overrides(tiny_synth, run, **{"solver.epochs": 1000,
+                                                                         "engine.checkpoint_steps": 1}),
+                                       "--resume", "auto"),
+                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while _logged_step(run) < 2:  # training, and saving a checkpoint at every iteration
+            assert first.poll() is None, first.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "training too slow"
+            time.sleep(0.05)
+        second = tiny_overrides(tiny_synth, run, **{"solver.epochs": 1000, "solver.lr": 0.5})
+        code = main(["-q", "train", *(a for s in second for a in ("--set", s)), "--resume", "auto"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"output_dir '{run}' is in use by another process (pid {first.pid} on host {socket.gethostname()}, " \
+               f"started " in err and "cgpn -q train" in err and "choose another folder with --set output_dir" in err
+        step = _logged_step(run)
+        while _logged_step(run) <= step:  # the first run goes on
+            assert first.poll() is None, first.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "training too slow"
+            time.sleep(0.05)
+        assert yaml.safe_load((run / "config.yaml").read_text())["solver"]["lr"] == 0.01  # the first's settings
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    with lock_folder(run, "output_dir"):  # released with the killed process
+        pass
+
+
+def test_a_fresh_run_into_a_busy_folder_stops_before_writing(tiny_synth: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """A fresh start (no --resume) into a folder another process holds: one line naming the holder, and not a
+    file written (the holder has no checkpoint yet, so only the lock can tell)."""
+    from cgpn.cli import main
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom cgpn.files import lock_folder\n"
+                               "with lock_folder(sys.argv[1]):\n    print('locked', flush=True)\n    sys.stdin.read()",
+                               str(run)], env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code = main(["-q", "train", *(a for s in tiny_overrides(tiny_synth, run) for a in ("--set", s))])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"is in use by another process (pid {holder.pid} on host {socket.gethostname()}" in err
+        assert sorted(p.name for p in run.iterdir()) == [".cgpn-lock"]
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
 
 
 # --- DDP -------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from _engine_tiny import cli_env
 from cgpn.errors import ConfigError, IndexFileError
 from cgpn.extractor import FeatureExtractor
 from cgpn.retrieval import (
@@ -193,13 +196,77 @@ def test_index_settings_out_of_range_are_refused(tmp_path: Path) -> None:
         GalleryIndex.build(data, IndexSettings(kind="ivfpq", nlist=4, pq_m=4, pq_bits=0))
 
 
-def test_an_index_and_a_sidecar_of_different_builds_are_refused(tmp_path: Path) -> None:
-    """A kill between the two renames of save() would pair a new index with the old sidecar."""
-    GalleryIndex.build(FeatureFile(["a", "b", "c"], _unit(3, 8, 9))).save(tmp_path / "old.faiss")
-    GalleryIndex.build(FeatureFile(["a", "b"], _unit(2, 8, 10))).save(tmp_path / "new.faiss")
-    shutil.copy(tmp_path / "old.faiss", tmp_path / "new.faiss")  # the index of another build
-    with pytest.raises(IndexFileError, match="is not the file its sidecar describes"):
-        GalleryIndex.load(tmp_path / "new.faiss")
+_KILLED_SAVE = """
+import os, signal, sys
+import faiss, numpy as np
+from cgpn.retrieval import FeatureFile, GalleryIndex
+
+where, calls = sys.argv[2], []
+def dying(name, real):
+    def call(*args):
+        calls.append(name)
+        if where == f"before {name} {calls.count(name)}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = real(*args)
+        if where == f"after {name} {calls.count(name)}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return call
+faiss.write_index = dying("write_index", faiss.write_index)
+os.replace = dying("replace", os.replace)
+x = np.eye(4, 8, dtype=np.float32)
+GalleryIndex.build(FeatureFile([f"new{i}.jpg" for i in range(4)], x)).save(sys.argv[1])
+print(calls)
+"""
+
+
+@pytest.mark.parametrize("kill", ["after write_index 1", "before replace 1", "before replace 2"])
+def test_a_save_killed_anywhere_leaves_an_index_with_its_own_metadata(kill: str, tmp_path: Path) -> None:
+    """Issue 13: a SIGKILL between the two renames of an index and its sidecar left the old index with the new
+    sidecar. Killed after the index is written but before its metadata, before a rename, or between two
+    renames (an implementation with one file never gets there and finishes), the index then loads with its
+    own paths, old or new, and the next save removes the killed save's temporary."""
+    path = tmp_path / "g.faiss"
+    old_feats = _unit(3, 8, 9)
+    GalleryIndex.build(FeatureFile(["a.jpg", "b.jpg", "c.jpg"], old_feats)).save(path)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(path), kill], env=cli_env(), capture_output=True,
+                          text=True, timeout=120)
+    index = GalleryIndex.load(path)
+    if proc.returncode == -signal.SIGKILL:
+        assert index.paths == ["a.jpg", "b.jpg", "c.jpg"]
+        np.testing.assert_array_equal(index.search(old_feats, 1)[1][:, 0], [0, 1, 2])  # its own vectors
+    else:
+        assert proc.returncode == 0 and kill == "before replace 2", proc.stderr[-2000:]
+        assert proc.stdout.strip() == "['write_index', 'replace']"  # one file: one rename
+        assert index.paths == [f"new{i}.jpg" for i in range(4)]
+        np.testing.assert_array_equal(index.search(np.eye(4, 8, dtype=np.float32), 1)[1][:, 0], [0, 1, 2, 3])
+    GalleryIndex.build(FeatureFile(["d.jpg", "e.jpg"], _unit(2, 8, 10))).save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.faiss"]
+    assert GalleryIndex.load(path).paths == ["d.jpg", "e.jpg"]
+
+
+def test_an_index_file_of_another_kind_or_damaged_is_one_line(tmp_path: Path) -> None:
+    import faiss
+
+    path = tmp_path / "g.faiss"
+    GalleryIndex.build(FeatureFile(["a", "b"], _unit(2, 8, 11))).save(path)
+    whole = path.read_bytes()
+    (tmp_path / "cut.faiss").write_bytes(whole[:-5])
+    with pytest.raises(IndexFileError, match=r"'.*cut.faiss' is not a cgpn index: it is a FAISS index; expected "):
+        GalleryIndex.load(tmp_path / "cut.faiss")
+    (tmp_path / "bad.faiss").write_bytes(whole[:4] + bytes(8) + whole[12:])  # the index's header zeroed
+    with pytest.raises(IndexFileError, match=r"does not match its metadata|cannot read index '.*bad.faiss'"):
+        GalleryIndex.load(tmp_path / "bad.faiss")
+    faiss.write_index(faiss.IndexFlatIP(8), str(tmp_path / "old.faiss"))  # as an older cgpn wrote it
+    (tmp_path / "old.faiss.json").write_text('{"format": "cgpn-index-v1"}')
+    with pytest.raises(IndexFileError, match=r"was written by an older cgpn .*; rebuild it with cgpn index build"):
+        GalleryIndex.load(tmp_path / "old.faiss")
+    feats = save_features(FeatureFile(["a.jpg"], _unit(1, 8, 12)), tmp_path / "feats.npz")
+    with pytest.raises(IndexFileError) as info:
+        GalleryIndex.load(feats)
+    assert str(info.value).endswith("is a features file, not an index; build an index from it with: cgpn index "
+                                    f"build --features {feats} --out {tmp_path / 'feats.faiss'}")
+    assert faiss.read_index(str(path)).ntotal == 2  # FAISS itself still reads the index part
 
 
 def test_feature_files_are_told_apart_by_content(tmp_path: Path) -> None:

@@ -84,3 +84,66 @@ def test_images_differ_within_an_identity(tiny_synth):
     a, b = (np.asarray(Image.open(s.path), dtype=np.float32) for s in same)
     assert a.shape == (128, 64, 3)
     assert np.abs(a - b).mean() > 5  # pose, camera and background change between shots
+
+
+def _every_file(root) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synth_into_a_real_data_set_refuses_and_deletes_nothing(tmp_path, capsys):
+    """Issue 13: pointed at a real data set by mistake, cgpn synth deleted 428 of its 476 images and exited 0;
+    with a bad value it deleted first and crashed after. Now it refuses in one line and touches nothing."""
+    from PIL import Image
+
+    from serve_helpers import cli, error_line
+
+    real = tmp_path / "Market-1501-v15.09.15"
+    for i, sub in enumerate(("bounding_box_train", "query", "bounding_box_test", "gt_bbox")):
+        (real / sub).mkdir(parents=True)
+        for j in range(3):
+            Image.new("RGB", (64, 128), (40 * i, 30 * j, 99)).save(real / sub / f"{j + 1:04d}_c{i + 1}s1_00000{j}_00.jpg")
+    (real / "readme.txt").write_text("the real thing")
+    before = _every_file(real)
+    assert len(before) == 13
+
+    line = error_line(cli(capsys, "synth", "--out", str(real), "--preset", "tiny"))
+    assert f"'{real}' already holds files (bounding_box_test/, bounding_box_train/, gt_bbox/ and 2 more) and was " \
+           f"not written by cgpn synth" in line and "nothing was changed" in line
+    line = error_line(cli(capsys, "synth", "--out", str(real), "--height", "0"))
+    assert line == "cgpn synth: error: --height must be at least 16, got 0"
+    assert _every_file(real) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [real.name]  # no temporary folder beside it
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--height", "15", "--height must be at least 16, got 15"),
+    ("--width", "7", "--width must be at least 8, got 7"),
+    ("--occlusion", "1.5", "--occlusion must be between 0 and 1, got 1.5"),
+    ("--truncation", "-0.1", "--truncation must be between 0 and 1, got -0.1"),
+    ("--distractors", "-1", "--distractors must be at least 0, got -1"),
+    ("--seed", "-3", "--seed must be at least 0, got -3"),
+    ("--cameras", "1", "--cameras must be at least 2, got 1"),
+    ("--images-per-id", "2", "--images-per-id must be at least 3, got 2"),
+])
+def test_synth_checks_every_value_before_touching_its_own_folder(tmp_path, capsys, flag, value, message):
+    """A folder synth wrote may be replaced, but not by a run that then fails: the old set stays whole."""
+    from serve_helpers import cli, error_line
+
+    out = tmp_path / "synth"
+    generate_synthetic(out, SyntheticSpec(train_ids=2, test_ids=2, images_per_id=4, cameras=2), progress=False)
+    before = _every_file(out)
+    assert error_line(cli(capsys, "synth", "--out", str(out), "--preset", "tiny", flag, value)) == \
+        f"cgpn synth: error: {message}"
+    assert _every_file(out) == before
+
+
+def test_synth_replaces_its_own_folder_whole(tmp_path):
+    """A second run into the same folder leaves exactly the second set: no image of the first lingers."""
+    out = tmp_path / "synth"
+    generate_synthetic(out, SyntheticSpec(train_ids=6, test_ids=4, images_per_id=5, cameras=3), progress=False)
+    counts = generate_synthetic(out, SyntheticSpec(train_ids=2, test_ids=3, images_per_id=4, cameras=2, seed=5),
+                                progress=False)
+    assert counts == {"bounding_box_train": 2 * 4, "query": 3 * 2, "bounding_box_test": 3 * 2}
+    assert {k: len(list((out / k).iterdir())) for k in counts} == counts
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 
 from cgpn.config import Config, apply_overrides, load_config
 from cgpn.errors import CgpnError, ConfigError, DatasetError
+from cgpn.files import check_output_file
 
 __all__ = ["main"]
 
@@ -74,12 +76,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.resume != "auto" and not args.config:  # the run's own settings, then --set
-        from cgpn.engine.checkpoint import load_checkpoint
+        from cgpn.engine.checkpoint import load_checkpoint, stored_config
 
-        cfg = apply_overrides(Config.from_dict(load_checkpoint(args.resume)["config"]), _shorthands(args))
+        cfg = apply_overrides(stored_config(load_checkpoint(args.resume), args.resume), _shorthands(args))
         cfg.validate()
     else:
         cfg = _config(args)  # a mistake in the settings shows before torch loads
+    saved = Path(cfg.output_dir) / "config.yaml"
+    if args.config and saved.is_file() and os.path.samefile(args.config, saved):
+        from cgpn.engine.checkpoint import find_resume_checkpoint
+
+        if find_resume_checkpoint("auto", cfg.output_dir) is None:  # not a run's own saved config: a user's file
+            raise ConfigError(f"--config '{args.config}' is where the run in output_dir '{cfg.output_dir}' saves its "
+                              f"resolved settings (config.yaml): training would replace your file; move it, or "
+                              f"choose another folder with --set output_dir=DIR")
     from cgpn.engine.evaluation import SPLIT_NAMES
     from cgpn.engine.trainer import train
 
@@ -110,6 +120,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("--config applies to an untrained network only; a checkpoint brings its own config "
                           "(change it with --set KEY=VALUE, --dataset, --data-root)")
     cfg = None if args.checkpoint else _config(args)
+    if args.plot and not args.occlude:
+        raise ConfigError("--plot draws the results of --occlude RATES; add --occlude (e.g. --occlude 0.1,0.2,0.3)")
+    if args.plot:
+        _check_picture(args.plot, "--plot")
 
     from cgpn.data.datasets import dataset_from_config
     from cgpn.data.occlusion import parse_rates
@@ -132,34 +146,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not rates:
         print(f"{where}: {evaluate_model(model.to(device), dataset, cfg, device, args.split).summary()}")
         return 0
+    plot = Path(args.plot) if args.plot else (Path(args.checkpoint).parent if args.checkpoint
+                                             else Path(cfg.output_dir)) / "occlusion.png"
+    check_output_file(plot, "--plot", {"--checkpoint": args.checkpoint, "--config": args.config,
+                                       "an image of the data set": _images(dataset)})  # before the evaluations
     results = evaluate_occlusion(model.to(device), dataset, cfg, device, rates, args.split)
     print(f"{where}, clean queries: {results[0.0].summary()}")
     print(f"query images occluded (a rectangle anywhere in the box, or a top/bottom cut), seed {cfg.engine.seed}:")
     print(occlusion_table(results))
-    plot = Path(args.plot) if args.plot else (Path(args.checkpoint).parent if args.checkpoint
-                                             else Path(cfg.output_dir)) / "occlusion.png"
     print(f"plot: {plot_occlusion(results, plot, title=args.checkpoint or cfg.model.name)}")
     return 0
 
 
-def _pick_queries(spec: str, result, query, n: int, seed: int) -> list[int]:
+def _images(dataset) -> list[str]:
+    """Every image path of a data set: inputs an output must not overwrite."""
+    return [s.path for s in (*dataset.train, *dataset.query, *dataset.gallery, *dataset.val_query,
+                             *dataset.val_gallery)]
+
+
+def _parse_queries(spec: str) -> str | list[int]:
+    """``--queries``: random, worst, best, or a list of pids."""
+    if spec in ("random", "worst", "best"):
+        return spec
+    try:
+        return [int(p) for p in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"--queries must be random, worst, best or comma-separated pids, got '{spec}'") from None
+
+
+def _pick_queries(spec: str | list[int], result, query, n: int, seed: int) -> list[int]:
+    """Rows of the picture: query indices picked by ``spec`` (``_parse_queries``) among those with a match."""
+    if isinstance(spec, list):
+        return _queries_of(spec, query)[:n]
     valid = np.flatnonzero(result.first_match >= 0)
     if not len(valid):
         raise DatasetError("no query has a true match in the gallery (same identity, another camera): "
                            "nothing to draw")
     if spec == "random":
         return sorted(np.random.default_rng(seed).choice(valid, size=min(n, len(valid)), replace=False).tolist())
-    if spec in ("worst", "best"):
-        order = valid[np.argsort(result.ap[valid], kind="stable")]
-        return (order if spec == "worst" else order[::-1])[:n].tolist()
-    try:
-        pids = [int(p) for p in spec.split(",")]
-    except ValueError:
-        raise ConfigError(f"--queries must be random, worst, best or comma-separated pids, got '{spec}'") from None
+    order = valid[np.argsort(result.ap[valid], kind="stable")]
+    return (order if spec == "worst" else order[::-1])[:n].tolist()
+
+
+def _queries_of(pids: list[int], query) -> list[int]:
     picked = [i for i, s in enumerate(query) if s.pid in pids]
     if not picked:
         raise ConfigError(f"no query image has pid {', '.join(map(str, pids))}")
-    return picked[:n]
+    return picked
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -172,9 +205,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         raise ConfigError("cgpn show needs --checkpoint FILE (ranked lists) or --curves RUN_DIR (training curves)")
     _check_picture(args.out)
-    for flag, value in (("--topk", args.topk), ("--num-queries", args.num_queries)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    _at_least_one(("--topk", args.topk), ("--num-queries", args.num_queries))
+    queries = _parse_queries(args.queries)
     from cgpn.data.datasets import dataset_from_config
     from cgpn.engine.evaluation import rank_test_features, ranking_distances, test_features
     from cgpn.engine.inference import resolve_device
@@ -182,11 +214,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     model, cfg = _model_and_config(args)
     dataset = dataset_from_config(cfg.data)
+    check_output_file(args.out, "--out", {"--checkpoint": args.checkpoint, "an image of the data set": _images(dataset)})
+    if isinstance(queries, list):
+        _queries_of(queries, dataset.query)  # before the features
     device = resolve_device(cfg.engine.device)
     t = test_features(model.to(device), dataset, cfg, device)
     distmat = ranking_distances(t, cfg)  # the lists drawn are the ones scored (re-ranked with --rerank)
     result = rank_test_features(t, cfg, distmat)
-    rows = _pick_queries(args.queries, result, dataset.query, args.num_queries, cfg.engine.seed)
+    rows = _pick_queries(queries, result, dataset.query, args.num_queries, cfg.engine.seed)
     out = draw_ranked_lists(distmat.numpy(), dataset.query, dataset.gallery, rows, args.out, topk=args.topk,
                             ap=result.ap, title=f"{args.checkpoint} on {cfg.data.dataset}: {result.summary()}")
     print(result.summary())
@@ -194,10 +229,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_picture(out: str) -> None:
+def _at_least_one(*flags: tuple[str, int]) -> None:
+    """A ConfigError naming the first (flag, value) below 1."""
+    for flag, value in flags:
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+
+
+def _check_picture(out: str, flag: str = "--out") -> None:
     """A ConfigError, before any work, unless ``out`` names a picture file cgpn can write."""
     if Path(out).suffix.lower() not in PICTURE_SUFFIXES:
-        raise ConfigError(f"--out must name a picture file ending in {', '.join(PICTURE_SUFFIXES)}, got '{out}'")
+        raise ConfigError(f"{flag} must name a picture file ending in {', '.join(PICTURE_SUFFIXES)}, got '{out}'")
+    check_output_file(out, flag)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -246,6 +289,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
         import_pyarrow()  # before minutes of extraction
     paths = [str(p.resolve()) for p in list_images(args.images)]
+    check_output_file(args.out, "--out", {"--checkpoint": args.checkpoint, "an image of --images": paths})
     extractor = _extractor(args, args.checkpoint)
     feats = extractor(paths).numpy()
     ids = parse_market_names(paths)
@@ -259,6 +303,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from cgpn.retrieval import GalleryIndex, IndexSettings, load_features
 
+    check_output_file(args.out, "--out", {"--features": args.features})
     data = load_features(args.features)
     if args.checkpoint:
         data.checkpoint = args.checkpoint
@@ -267,8 +312,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     index = GalleryIndex.build(data, settings)
     out = index.save(args.out)
     exact = "exact" if settings.kind == "flat" else "approximate"
-    print(f"indexed {len(index)} features ({index.dim}-d, {settings.kind}, {exact} inner product) in {out} "
-          f"(+ {out.name}.json)")
+    print(f"indexed {len(index)} features ({index.dim}-d, {settings.kind}, {exact} inner product) in {out}")
     return 0
 
 
@@ -278,8 +322,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from cgpn.extractor import list_images
     from cgpn.retrieval import GalleryIndex
 
-    if args.topk < 1:
-        raise ConfigError(f"--topk must be at least 1, got {args.topk}")
+    _at_least_one(("--topk", args.topk))
     query = Path(args.query)
     if not query.exists():
         raise DatasetError(f"query '{query}' does not exist (expected an image file or a folder of images)")
@@ -321,8 +364,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from cgpn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from cgpn.engine.checkpoint import load_model
-    from cgpn.export import check_onnx, export_onnx, import_onnxruntime, write_metadata
+    from cgpn.export import check_onnx, check_opset, export_onnx, import_onnxruntime, write_metadata
 
+    check_output_file(args.onnx, "--onnx", {"--checkpoint": args.checkpoint})
+    check_opset(args.opset)
+    _at_least_one(("--check-batch", args.check_batch))
     import_onnxruntime()  # the check needs it: fail before the export
     model, cfg = load_model(args.checkpoint)
     h, w = cfg.data.height, cfg.data.width
@@ -432,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     index_verbs = p.add_subparsers(dest="index_verb", metavar="ACTION", required=True)
     p = index_verbs.add_parser("build", parents=[common], help="index a features file for cgpn search")
     p.add_argument("--features", required=True, help="a features file written by cgpn extract (.npz / .parquet)")
-    p.add_argument("--out", required=True, help="index file to write, e.g. gallery.faiss (+ gallery.faiss.json)")
+    p.add_argument("--out", required=True, help="index file to write, e.g. gallery.faiss")
     defaults = IndexSettings()
     p.add_argument("--kind", choices=list(INDEX_KINDS), default=defaults.kind,
                    help="flat: exact (default); ivf / ivfpq: approximate, for galleries of millions")

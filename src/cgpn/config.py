@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from cgpn.errors import ConfigError
-from cgpn.files import atomic_path
+from cgpn.files import atomic_path, reading
 
 __all__ = [
     "CHOICES",
@@ -198,6 +198,9 @@ class Config:
         if self.data.val_ids >= 1 and self.data.val_ids != int(self.data.val_ids):
             raise ConfigError(f"config key 'data.val_ids' must be a fraction below 1 or a whole count of "
                               f"identities, got {self.data.val_ids:g}")
+        if not self.output_dir.strip():  # "" would put the run's files in the current folder
+            raise ConfigError("config key 'output_dir' must name a folder for the run (e.g. runs/my_run), got "
+                              f"{self.output_dir!r}")
         if self.solver.optimizer == "sgd" and self.solver.nesterov and self.solver.momentum == 0:
             raise ConfigError("solver.nesterov=true needs solver.momentum > 0 (Nesterov momentum without momentum)")
         return self
@@ -356,12 +359,12 @@ def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config, resolving ``_base_: other.yaml`` (relative to the file) recursively."""
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist (expected a YAML file such as configs/demo.yaml)")
+    with reading(path, "config file", "a YAML file such as configs/demo.yaml") as p:
+        text = p.read_text()
     if path.resolve() in seen:
         raise ConfigError(f"config file '{path}' inherits itself through _base_")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -369,6 +372,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("_base_", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"config file '{path}': _base_ must name another YAML file (e.g. _base_: market1501.yaml), "
+                          f"got {base!r}")
     merged = _read_yaml((path.parent / base), (*seen, path.resolve()))
     _deep_update(merged, data)
     return merged

@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "DatasetError",
     "DependencyError",
+    "FolderInUseError",
     "ImageError",
     "IndexFileError",
     "PretrainedWeightsError",
@@ -54,3 +55,7 @@ class IndexFileError(CgpnError):
 
 class TrainingDivergedError(CgpnError):
     """A loss term became NaN or infinite; the run stopped before the bad update."""
+
+
+class FolderInUseError(ConfigError):
+    """An output folder another process is writing (``cgpn.files.lock_folder``)."""

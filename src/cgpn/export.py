@@ -33,7 +33,8 @@ from cgpn.engine.inference import Embedder
 from cgpn.errors import ConfigError, DependencyError
 from cgpn.files import atomic_path
 
-__all__ = ["TOLERANCE", "OnnxCheck", "check_onnx", "export_onnx", "import_onnxruntime", "write_metadata"]
+__all__ = ["TOLERANCE", "OnnxCheck", "check_onnx", "check_opset", "export_onnx", "import_onnxruntime",
+           "write_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,7 @@ def export_onnx(model: nn.Module, out: str | Path | io.BytesIO, height: int, wid
         flip, normalize: average with the mirrored image; L2-normalise the result.
         opset: ONNX opset version.
     """
-    if opset not in ONNX_OPSETS:
-        raise ConfigError(f"--opset must be between {ONNX_OPSETS.start} and {ONNX_OPSETS.stop - 1}, got {opset}")
+    check_opset(opset)
     was_training, device = model.training, next(model.parameters()).device
     embedder = Embedder(model.eval(), flip=flip, normalize=normalize).cpu()
 
@@ -88,6 +88,12 @@ def export_onnx(model: nn.Module, out: str | Path | io.BytesIO, height: int, wid
     finally:
         model.train(was_training).to(device)  # the caller's model as it was
     return out
+
+
+def check_opset(opset: int) -> None:
+    """A ConfigError unless the export supports ONNX opset ``opset`` (``ONNX_OPSETS``)."""
+    if opset not in ONNX_OPSETS:
+        raise ConfigError(f"--opset must be between {ONNX_OPSETS.start} and {ONNX_OPSETS.stop - 1}, got {opset}")
 
 
 def write_metadata(model_file: str | Path, cfg: Config, flip: bool = True) -> None:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from cgpn.config import Config
 from cgpn.data.datasets.base import IMAGE_SUFFIXES
-from cgpn.data.loader import read_image
+from cgpn.data.loader import read_image, to_rgb
 from cgpn.data.transforms import build_transforms
 from cgpn.errors import ConfigError, DatasetError, ImageError
 from cgpn.runtime import Runtime, cache_dir
@@ -46,7 +46,8 @@ def list_images(folder: str | Path) -> list[Path]:
     """Every image file under ``folder`` (recursively), sorted; a DatasetError if there is none."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DatasetError(f"image folder '{folder}' does not exist (expected a folder of .jpg/.png files)")
+        found = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise DatasetError(f"image folder '{folder}' {found} (expected a folder of .jpg/.png files)")
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
         raise DatasetError(f"image folder '{folder}' holds no image (expected files ending in "
@@ -64,7 +65,10 @@ def to_pil(item: ImageInput) -> Image.Image:
     if isinstance(item, (str, Path)):
         return read_image(str(item))
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        try:
+            return to_rgb(item)
+        except ValueError as err:
+            raise ImageError(f"cannot use this PIL image: {err}") from None
     if isinstance(item, torch.Tensor):
         if item.ndim != 3 or item.shape[0] != 3:
             raise ImageError(f"an image tensor must be (3, H, W), got shape {tuple(item.shape)}")

@@ -25,7 +25,7 @@ from cgpn.data.transforms import build_transforms
 from cgpn.errors import ConfigError, ImageError
 
 __all__ = ["BAD_IMAGE_MODES", "ImageDataset", "SeededBatchSampler", "SeededDataset", "build_test_loader",
-           "build_train_loader", "read_image"]
+           "build_train_loader", "read_image", "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +36,26 @@ _MAX_WORKERS = 64  # slots of the shared skip counter (one per worker process, p
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on bad files
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's modes of 16-bit grey pixels
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. 16-bit grey keeps its high byte, as PIL itself reduces 16-bit RGB PNGs
+    (``convert("RGB")`` would clip every value above 255 to white); 32-bit integer or float pixels have no
+    agreed scale and raise ValueError."""
+    if img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and img.format == "PNG"):  # older PIL: 16-bit PNG as I
+        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8), mode="L")
+    elif img.mode in ("I", "F"):
+        raise ValueError(f"{'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels (PIL mode {img.mode}) "
+                         f"have no agreed scale to 8 bits; convert the image to 8-bit")
+    return img.convert("RGB")
+
+
 def decode_rgb(path: str) -> Image.Image:
-    """The RGB image at ``path``, fully decoded; one of ``DECODE_ERRORS`` if the file is not a readable image."""
+    """The RGB image at ``path``, fully decoded (see ``to_rgb``); one of ``DECODE_ERRORS`` if the file is not
+    a readable image."""
     with Image.open(path) as img:
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 def read_image(path: str) -> Image.Image:

@@ -24,7 +24,7 @@ import torch
 
 from cgpn.config import Config
 from cgpn.errors import CheckpointError, ConfigError
-from cgpn.files import atomic_path
+from cgpn.files import atomic_path, load_torch_file, remove_abandoned
 from cgpn.metrics.rank import RankResult
 from cgpn.model import CGPN, build_model
 
@@ -43,11 +43,13 @@ __all__ = [
     "save_checkpoint",
     "state_nbytes",
     "step_checkpoints",
+    "stored_config",
 ]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "cgpn-checkpoint-v1"
+EXPECTED = "a checkpoint written by cgpn train (e.g. runs/<name>/last.pt)"
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -57,19 +59,22 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a cgpn checkpoint on the CPU (``torch.load(weights_only=True)``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist (expected a file written by cgpn train, "
-                              f"e.g. runs/<name>/last.pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors alike
-        raise CheckpointError(f"cannot read checkpoint '{path}': {str(err).splitlines()[0]}") from None
+    """Read a cgpn checkpoint on the CPU (``torch.load(weights_only=True)``); any other file (missing, empty,
+    truncated, a folder, an ONNX graph, a pickle carrying code...) is a CheckpointError saying what it is."""
+    state = load_torch_file(path, "checkpoint", EXPECTED, CheckpointError)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is not a cgpn checkpoint (no '{FORMAT}' marker); "
-                              f"was it written by another tool?")
+        raise CheckpointError(f"'{path}' is not a cgpn checkpoint (no '{FORMAT}' marker; written by another "
+                              f"tool?); pass {EXPECTED} instead")
     return state
+
+
+def stored_config(state: dict[str, Any], path: str | Path) -> Config:
+    """The config a checkpoint ``state`` (read from ``path``) was trained with. An ``output_dir`` left blank
+    (cgpn once accepted that, and trained into the current folder) becomes the checkpoint's folder."""
+    values = dict(state["config"])
+    if not str(values.get("output_dir", "runs")).strip():
+        values["output_dir"] = str(Path(path).parent)
+    return Config.from_dict(values)
 
 
 def build_model_from_config(cfg: Config, num_classes: int, pretrained: bool | str | None = None) -> CGPN:
@@ -85,8 +90,13 @@ def build_model_from_config(cfg: Config, num_classes: int, pretrained: bool | st
 def load_model(path: str | Path) -> tuple[CGPN, Config]:
     """Rebuild the network stored in a checkpoint, with its weights, and the config it was trained with."""
     state = load_checkpoint(path)
-    cfg = Config.from_dict(state["config"])
-    model = build_model_from_config(cfg, state["num_classes"], pretrained=False)
+    try:
+        cfg = stored_config(state, path)
+        model = build_model_from_config(cfg, state["num_classes"], pretrained=False)
+    except KeyError as err:
+        raise CheckpointError(f"checkpoint '{path}' has no {err}; pass {EXPECTED} instead") from None
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint '{path}' holds settings this cgpn cannot use ({err})") from None
     load_weights(model, state["model"], source=str(path))
     return model, cfg
 
@@ -186,13 +196,12 @@ def check_run_dir(path: str | Path, needed_bytes: int) -> None:
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` the same file as ``src`` atomically: a hard link (or copy) under a temporary name, renamed."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # a file system without hard links
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        try:
+            tmp.unlink()
+            os.link(src, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(src, tmp)
 
 
 def step_checkpoints(run_dir: str | Path) -> dict[int, Path]:
@@ -216,11 +225,9 @@ class Checkpointer:
         self.last, self.best = self.run_dir / "last.pt", self.run_dir / "best.pt"
 
     def remove_partial_saves(self) -> list[Path]:
-        """Delete the temporary files of saves a kill cut short (each as large as a checkpoint)."""
-        stale = sorted((self.run_dir / "checkpoints").glob(".step_*.tmp.pt"))
-        for path in stale:
-            path.unlink(missing_ok=True)
-        return stale
+        """Delete the temporary files of saves a kill cut short (each as large as a checkpoint); a save another
+        process is writing is left alone (``cgpn.files.remove_abandoned``)."""
+        return sorted(remove_abandoned((self.run_dir / "checkpoints").glob(".step_*.tmp.pt")))
 
     def save(self, state: dict[str, Any], step: int, best: bool = False) -> Path:
         """Write ``state`` as ``checkpoints/step_{step}.pt``, point ``last.pt`` (and ``best.pt``) to it, prune."""

@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from cgpn.errors import ConfigError
-from cgpn.files import atomic_path
+from cgpn.files import atomic_path, reading
 
 __all__ = ["MetricsWriter", "draw_curves", "read_metrics"]
 
@@ -36,13 +36,12 @@ class MetricsWriter:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, start_step: int = 0) -> None:
         self.path = Path(run_dir) / CSV_NAME
         rows = []
-        if start_step > 0 and self.path.is_file():
-            with self.path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        if start_step > 0 and self.path.is_file():  # a row a kill tore is dropped here, not carried on
+            rows = [r for r in _read_rows(self.path) if r["step"] <= start_step]
         with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:  # a kill here keeps the history
             writer = csv.DictWriter(f, fieldnames=FIELDS)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({**r, "value": f"{r['value']:.8g}"} for r in rows)
         self._file = self.path.open("a", newline="")
         self._csv = csv.DictWriter(self._file, fieldnames=FIELDS)
         self._tb = None
@@ -72,20 +71,37 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _read_rows(path: Path) -> list[dict[str, int | str | float]]:
+    """The rows of a metrics file, checked. A last row without its line end is what a kill during a write
+    leaves: it is dropped. Any other row that does not parse is a ConfigError naming the file and line."""
+    expected = f"a metrics file written by cgpn train (columns {','.join(FIELDS)})"
+    with reading(path, "metrics file", expected) as p:
+        lines = p.read_bytes().decode("utf-8").splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        logger.info("%s: dropped its last row, cut short by a kill: %r", path, lines.pop())
+    header = next(csv.reader(lines[:1]), [])
+    if tuple(header) != FIELDS:
+        raise ConfigError(f"'{path}' is not {expected}; found columns {','.join(header) or 'none'}")
+    rows = []
+    for number, fields in enumerate(csv.reader(lines[1:]), start=2):
+        try:
+            step, epoch, tag, value = fields
+            rows.append({"step": int(step), "epoch": int(epoch), "tag": tag, "value": float(value)})
+        except ValueError:
+            raise ConfigError(f"'{path}' line {number} is not a row of {','.join(FIELDS)}: {','.join(fields)!r} "
+                              f"(damaged; delete that line)") from None
+    return rows
+
+
 def read_metrics(run_dir: str | Path) -> dict[str, list[tuple[int, int, float]]]:
     """``metrics.csv`` of a run folder as tag -> [(step, epoch, value)], in file order."""
-    path = Path(run_dir) / CSV_NAME
-    if not path.is_file():
-        raise ConfigError(f"'{path}' does not exist: --curves expects a run folder written by cgpn train "
-                          f"(e.g. runs/demo)")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder '{run_dir}' {'is a file' if run_dir.exists() else 'does not exist'}: "
+                          f"--curves expects a run folder written by cgpn train (e.g. runs/demo)")
     series: dict[str, list[tuple[int, int, float]]] = defaultdict(list)
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != FIELDS:
-            raise ConfigError(f"'{path}' is not a cgpn metrics file (expected columns {','.join(FIELDS)}, "
-                              f"found {','.join(reader.fieldnames or [])})")
-        for row in reader:
-            series[row["tag"]].append((int(row["step"]), int(row["epoch"]), float(row["value"])))
+    for row in _read_rows(run_dir / CSV_NAME):
+        series[row["tag"]].append((row["step"], row["epoch"], row["value"]))
     return dict(series)
 
 

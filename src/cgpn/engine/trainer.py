@@ -67,6 +67,7 @@ from cgpn.engine.hooks import (
 from cgpn.engine.inference import resolve_device
 from cgpn.engine.precision import Precision, resolve_precision
 from cgpn.errors import ConfigError, TrainingDivergedError
+from cgpn.files import lock_folder
 from cgpn.losses import CGPNLoss
 from cgpn.metrics.rank import RankResult
 
@@ -331,9 +332,9 @@ def train(cfg: Config, resume: str | None = None, finetune: str | None = None) -
         raise ConfigError("--resume and --finetune exclude each other: resume continues a run, finetune starts "
                           "a new one from another run's weights")
     env = init_distributed(cfg.engine)
-    with _process_settings_restored():
+    with _process_settings_restored(), contextlib.ExitStack() as held:  # held: the run folder's lock
         try:
-            return _train(cfg, env, resume, finetune)
+            return _train(cfg, env, resume, finetune, held)
         finally:
             env.close()
 
@@ -356,6 +357,11 @@ def _check_no_other_run(out: Path, state: dict[str, Any] | None) -> None:
                           f"--resume auto)")
 
 
+def _lock_run_folder(out: Path, held: contextlib.ExitStack) -> None:
+    """One process at a time in a run folder, until ``held`` closes (``cgpn.files.lock_folder``)."""
+    held.enter_context(lock_folder(out, "output_dir", "choose another folder with --set output_dir=DIR"))
+
+
 @contextlib.contextmanager
 def _process_settings_restored() -> Iterator[None]:
     """Put back the process-wide settings a run changes (threads, deterministic kernels, TF32, cuDNN
@@ -375,7 +381,8 @@ def _process_settings_restored() -> Iterator[None]:
         torch.backends.cudnn.benchmark = benchmark
 
 
-def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) -> TrainResult:
+def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None,
+           held: contextlib.ExitStack) -> TrainResult:
     e = cfg.engine
     if e.threads > 0:
         torch.set_num_threads(e.threads)
@@ -391,6 +398,9 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
     dataset = dataset_from_config(cfg.data)  # a wrong data root is the first thing to hear about
     out = Path(cfg.output_dir)
     checkpointer = Checkpointer(out, e.keep_last)
+    locked = env.is_main and out.is_dir()
+    if locked:  # no other process writes a run there while this one reads it (a new folder: locked below)
+        _lock_run_folder(out, held)
 
     ckpt_path, state = None, None
     if resume and env.is_main:  # rank 0 reads the checkpoint: other machines may not share its disk
@@ -421,6 +431,9 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None) 
         logger.info("fine-tuning from %s (identity classifiers start anew)", finetune)
     if env.is_main:
         check_run_dir(out, _checkpoint_bytes(model, cfg.solver) * (e.keep_last + 2))
+        if not locked:
+            _lock_run_folder(out, held)
+            _check_no_other_run(out, state)  # again: a run that ended before the lock was taken may have written here
         save_config(cfg, out / "config.yaml")
     if e.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -8,7 +8,6 @@ torchvision's, so a torchvision state dict loads unchanged. This is the only mod
 from __future__ import annotations
 
 import copy
-import urllib.error
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 from cgpn.errors import ConfigError, PretrainedWeightsError
+from cgpn.files import describe_file, load_torch_file
 
 __all__ = ["BACKBONES", "SharedTrunk", "branch_layers", "build_resnet", "feature_channels"]
 
@@ -47,23 +47,18 @@ def _imagenet_state_dict(name: str, source: bool | str) -> dict[str, torch.Tenso
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         try:
             return weights.get_state_dict(progress=True, check_hash=True)
-        except (urllib.error.URLError, OSError, RuntimeError) as err:
-            reason = getattr(err, "reason", err)
+        except Exception as err:  # offline, or a damaged file in the cache (torch's message is no help there)
+            reason = (f"the cached copy is {describe_file(cache)}; delete it" if cache.is_file() else
+                      str(getattr(err, "reason", err)).splitlines()[0])
             raise PretrainedWeightsError(
                 f"cannot get ImageNet weights for {name} from {weights.url} ({reason}); "
                 f"put that file at {cache} or set model.pretrained=/path/to/{cache.name}, "
                 f"or train without them with model.pretrained=false"
             ) from None
     path = Path(str(source)).expanduser()
-    if not path.is_file():
-        raise PretrainedWeightsError(
-            f"model.pretrained file '{path}' does not exist; expected torchvision's {Path(weights.url).name} "
-            f"(or model.pretrained=true to download it, false to start from random weights)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a file that is not a state dict
-        raise PretrainedWeightsError(f"cannot read ImageNet weights from '{path}': {err}") from None
+    state = load_torch_file(path, "model.pretrained file",
+                            f"torchvision's {Path(weights.url).name} (or model.pretrained=true to download it, "
+                            f"false to start from random weights)", PretrainedWeightsError)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cgpn.errors import ConfigError, DependencyError, IndexFileError
-from cgpn.files import atomic_path
+from cgpn.files import atomic_path, describe_file, other_name, reading
 
 __all__ = ["FORMATS", "FeatureFile", "import_pyarrow", "load_features", "parse_market_names", "save_features"]
 
@@ -96,46 +96,36 @@ def save_features(data: FeatureFile, out: str | Path, fmt: str = "npz") -> Path:
 
 
 def load_features(path: str | Path) -> FeatureFile:
-    """Read a feature file written by ``save_features``, .npz or .parquet (told apart by content, not name)."""
+    """Read a feature file written by ``save_features``, .npz or .parquet (told apart by content, not name);
+    anything else (missing, empty, truncated, another kind of file) is an IndexFileError naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise IndexFileError(f"features file '{path}' does not exist (write one with: cgpn extract --checkpoint C "
-                             f"--images DIR --out feats.npz)")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic == b"PAR1":
-        return _load_parquet(path)
-    if magic != b"PK\x03\x04":  # a .npz is a zip archive
-        raise IndexFileError(f"'{path}' is not a features file (expected a .npz or .parquet written by "
-                             f"cgpn extract)")
-    try:
+    with reading(path, "features file", "a .npz or .parquet written by cgpn extract (e.g. cgpn extract "
+                 "--checkpoint C --images DIR --out feats.npz)", IndexFileError):
+        with path.open("rb") as f:
+            magic = f.read(4)
+        if magic not in (b"PAR1", b"PK\x03\x04"):  # parquet, or a zip archive (.npz)
+            raise IndexFileError(f"'{path}' is not a features file: it is {describe_file(path)} (expected a .npz "
+                                 f"or .parquet written by cgpn extract)")
+        if magic == b"PAR1":
+            return _load_parquet(path)
         with np.load(path, allow_pickle=False) as z:
             if "format" not in z or str(z["format"]) != FORMAT:
                 raise IndexFileError(f"'{path}' is not a cgpn features file (no '{FORMAT}' marker); "
-                                     f"write one with cgpn extract --out feats.npz")
+                                     f"write one with cgpn extract --out {other_name(path, '.npz')}")
             return FeatureFile([str(p) for p in z["paths"]], z["features"], z.get("pids"),
                                z.get("camids"), str(z["checkpoint"]))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise IndexFileError(f"cannot read features file '{path}': {str(err).splitlines()[0]} "
-                             f"(expected a .npz written by cgpn extract)") from None
 
 
 def _load_parquet(path: Path) -> FeatureFile:
     pa = import_pyarrow()
-    try:
-        table = pa.parquet.read_table(path)
-        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-        if meta.get("format") != FORMAT:
-            raise IndexFileError(f"'{path}' is not a cgpn features file (no '{FORMAT}' marker); "
-                                 f"write one with cgpn extract --format parquet")
-        feats = np.asarray(table.column("feature").combine_chunks().flatten(), dtype=np.float32)
-        n = table.num_rows
-        has_ids = "pid" in table.column_names
-        return FeatureFile(table.column("path").to_pylist(), feats.reshape(n, -1 if n else 0),
-                           np.asarray(table.column("pid")) if has_ids else None,
-                           np.asarray(table.column("camid")) if has_ids else None, meta.get("checkpoint", ""))
-    except IndexFileError:
-        raise
-    except Exception as err:  # arrow raises several kinds; a missing column is a KeyError
-        raise IndexFileError(f"cannot read features file '{path}': {str(err).splitlines()[0]} "
-                             f"(expected a .parquet written by cgpn extract)") from None
+    table = pa.parquet.read_table(path)
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if meta.get("format") != FORMAT:
+        raise IndexFileError(f"'{path}' is not a cgpn features file (no '{FORMAT}' marker); "
+                             f"write one with cgpn extract --format parquet --out {other_name(path, '.parquet')}")
+    feats = np.asarray(table.column("feature").combine_chunks().flatten(), dtype=np.float32)
+    n = table.num_rows
+    has_ids = "pid" in table.column_names
+    return FeatureFile(table.column("path").to_pylist(), feats.reshape(n, -1 if n else 0),
+                       np.asarray(table.column("pid")) if has_ids else None,
+                       np.asarray(table.column("camid")) if has_ids else None, meta.get("checkpoint", ""))

@@ -2,8 +2,8 @@
 
 ``flat`` is exact (what a brute-force ``gallery @ query`` gives); ``ivf`` (inverted lists) and ``ivfpq``
 (inverted lists + product quantisation, ``pq_m`` codes of ``pq_bits`` bits per feature) are approximate and scale to
-galleries of millions. The index file (``gallery.faiss``) has a JSON sidecar (``gallery.faiss.json``)
-with the image paths, pids / camids when known, the feature size and the checkpoint that made them.
+galleries of millions. The index file (``gallery.faiss``) is the FAISS index followed by its metadata: the image
+paths, pids / camids when known, the feature size and the checkpoint that made them (see ``GalleryIndex.save``).
 
 Example:
     >>> index = GalleryIndex.build(load_features("feats.npz"))
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,16 @@ import numpy as np
 
 from cgpn.config import INDEX_KINDS, IndexSettings
 from cgpn.errors import ConfigError, DependencyError, IndexFileError
-from cgpn.files import atomic_path
+from cgpn.files import atomic_path, describe_file, other_name, reading
 from cgpn.retrieval.features import FeatureFile
 
-__all__ = ["INDEX_KINDS", "GalleryIndex", "IndexSettings", "import_faiss", "sidecar_path"]
+__all__ = ["INDEX_KINDS", "GalleryIndex", "IndexSettings", "import_faiss"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "cgpn-index-v1"
+FORMAT = "cgpn-index-v2"
+TRAILER = struct.Struct("<Q8s")  # the last 16 bytes of an index file: length of the metadata JSON, MAGIC
+MAGIC = b"CGPN-IDX"
 
 
 def import_faiss():
@@ -41,12 +44,6 @@ def import_faiss():
         raise DependencyError("faiss is not installed (needed for cgpn index / search); install it with: "
                               "pip install faiss-cpu  (or faiss-gpu on a CUDA machine)") from None
     return faiss
-
-
-def sidecar_path(index_path: str | Path) -> Path:
-    """The JSON file beside an index that names its images: ``gallery.faiss`` -> ``gallery.faiss.json``."""
-    index_path = Path(index_path)
-    return index_path.with_name(index_path.name + ".json")
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:
@@ -109,52 +106,68 @@ class GalleryIndex:
         return cls(index, list(data.paths), data.pids, data.camids, data.checkpoint, s)
 
     def save(self, path: str | Path) -> Path:
-        """Write the index to ``path`` and its sidecar (paths, ids, settings, index size) to ``path.json``.
+        """Write the index to ``path`` as one file: the FAISS index, its metadata as JSON (paths, ids, settings,
+        checkpoint, the index part's size), then the JSON's length and ``MAGIC``.
 
-        Both are written in full under temporary names first and renamed one right after the other, so a
-        kill leaves the old pair or the new one; the sidecar records the index file's size, checked by
-        ``load``.
+        One file rather than an index and a sidecar: ``atomic_path`` replaces it with one rename, so whenever a
+        writer is killed, a reader finds the old index with its own metadata or the new one with its own, never
+        a mix (two files cannot be renamed at once). ``faiss.read_index`` still reads the index part.
         """
         faiss = import_faiss()
         path = Path(path)
-        with atomic_path(path) as tmp_index, atomic_path(sidecar_path(path)) as tmp_side:
-            faiss.write_index(self.index, str(tmp_index))
+        with atomic_path(path) as tmp:
+            faiss.write_index(self.index, str(tmp))
             meta = {"format": FORMAT, "dim": self.dim, "count": len(self), "checkpoint": self.checkpoint,
                     "metric": "inner_product", "settings": asdict(self.settings), "paths": self.paths,
                     "pids": None if self.pids is None else self.pids.tolist(),
                     "camids": None if self.camids is None else self.camids.tolist(),
-                    "index_bytes": tmp_index.stat().st_size}
-            tmp_side.write_text(json.dumps(meta))
+                    "index_bytes": tmp.stat().st_size}
+            blob = json.dumps(meta).encode()
+            with tmp.open("ab") as f:
+                f.write(blob + TRAILER.pack(len(blob), MAGIC))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> GalleryIndex:
-        """Read an index written by ``save`` and check that it agrees with its sidecar."""
+        """Read an index written by ``save``; anything else (missing, truncated, another kind of file, an
+        index of an older cgpn) is an IndexFileError naming the file and what to do."""
         faiss = import_faiss()
-        path, side = Path(path), sidecar_path(path)
-        for p in (path, side):
-            if not p.is_file():
-                raise IndexFileError(f"index file '{p}' does not exist (build one with: cgpn index build "
-                                     f"--features feats.npz --out {path.name})")
-        try:
-            meta = json.loads(side.read_text())
-        except (OSError, ValueError) as err:
-            raise IndexFileError(f"cannot read index sidecar '{side}': {err}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise IndexFileError(f"'{side}' is not a cgpn index sidecar (no '{FORMAT}' marker)")
-        if meta.get("index_bytes", path.stat().st_size) != path.stat().st_size:
-            raise IndexFileError(f"index '{path}' ({path.stat().st_size} bytes) is not the file its sidecar "
-                                 f"describes ({meta['index_bytes']} bytes); rebuild it with cgpn index build")
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as err:
-            raise IndexFileError(f"cannot read FAISS index '{path}': {str(err).strip().splitlines()[-1]}") from None
-        if index.d != meta["dim"] or index.ntotal != len(meta["paths"]):
-            raise IndexFileError(f"index '{path}' ({index.ntotal} x {index.d}) does not match its sidecar "
-                                 f"({len(meta['paths'])} paths x {meta['dim']}); rebuild it with cgpn index build")
-        settings = IndexSettings(**meta["settings"])
-        ids = [None if meta[k] is None else np.asarray(meta[k], dtype=np.int64) for k in ("pids", "camids")]
-        return cls(index, meta["paths"], ids[0], ids[1], meta.get("checkpoint", ""), settings)
+        path = Path(path)
+        expected = (f"an index written by cgpn index build (e.g. cgpn index build --features "
+                    f"{other_name(path, '.npz')} --out {path})")
+        with reading(path, "index", expected, IndexFileError):
+            size = path.stat().st_size
+            with path.open("rb") as f:
+                f.seek(max(0, size - TRAILER.size))
+                tail = f.read(TRAILER.size)
+                length, magic = TRAILER.unpack(tail) if len(tail) == TRAILER.size else (0, b"")
+                if magic != MAGIC or length > size - TRAILER.size:
+                    raise IndexFileError(cls._not_an_index(path, expected))
+                f.seek(size - TRAILER.size - length)
+                meta = json.loads(f.read(length))
+            index_bytes = size - TRAILER.size - length
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("index_bytes") != index_bytes:
+                raise IndexFileError(f"index '{path}' is damaged (its metadata does not describe it); rebuild it "
+                                     f"with cgpn index build")
+            index = faiss.deserialize_index(np.memmap(path, dtype=np.uint8, mode="r", shape=(index_bytes,)))
+            if index.d != meta["dim"] or index.ntotal != len(meta["paths"]):
+                raise IndexFileError(f"index '{path}' ({index.ntotal} x {index.d}) does not match its metadata "
+                                     f"({len(meta['paths'])} paths x {meta['dim']}); rebuild it with cgpn index build")
+            settings = IndexSettings(**meta["settings"])
+            ids = [None if meta[k] is None else np.asarray(meta[k], dtype=np.int64) for k in ("pids", "camids")]
+            return cls(index, meta["paths"], ids[0], ids[1], meta.get("checkpoint", ""), settings)
+
+    @staticmethod
+    def _not_an_index(path: Path, expected: str) -> str:
+        """Why ``path`` is not an index, and what to run instead (never writing over ``path`` itself)."""
+        kind = describe_file(path)
+        if path.with_name(path.name + ".json").is_file() and kind == "a FAISS index":
+            return (f"index '{path}' was written by an older cgpn (an index and a separate {path.name}.json); "
+                    f"rebuild it with cgpn index build")
+        if kind in ("a NumPy .npz archive", "a Parquet file"):
+            return (f"'{path}' is a features file, not an index; build an index from it with: cgpn index build "
+                    f"--features {path} --out {other_name(path, '.faiss')}")
+        return f"'{path}' is not a cgpn index: it is {kind}; expected {expected}"
 
     def to_gpu(self) -> bool:
         """Move the index to all GPUs when this FAISS build has GPU support and sees a GPU; True if moved."""

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from cgpn.data.datasets.base import MarketLayoutDataset, ReidDataset, Sample, describe_folder
 from cgpn.errors import DatasetError
-from cgpn.files import new_file_mode
+from cgpn.files import mark_in_progress, new_file_mode, remove_abandoned
 
 __all__ = ["CUHK03", "CUHK03Protocol", "extract_cuhk03_images", "read_protocol"]
 
@@ -80,8 +80,8 @@ def read_protocol(path: Path) -> CUHK03Protocol:
                f"(e.g. {CONFIG_MAT.format(variant='labeled')})"
     try:
         mat = loadmat(str(path))
-    except (ValueError, TypeError, OSError, NotImplementedError) as err:
-        kind = "a MATLAB v7.3 (HDF5) file" if _is_hdf5(path) else str(err).splitlines()[0]
+    except Exception as err:  # scipy raises many kinds (MatReadError on an empty file)
+        kind = "a MATLAB v7.3 (HDF5) file" if _is_hdf5(path) else (str(err).splitlines() or ["nothing readable"])[0]
         raise DatasetError(f"'{path}' is not a CUHK03 split file: expected {expected}, found {kind}") from None
     keys = ("filelist", "labels", "camId", "train_idx", "query_idx", "gallery_idx")
     missing = [k for k in keys if k not in mat]
@@ -127,7 +127,11 @@ def extract_cuhk03_images(mat_path: Path, variant: str, out_dir: Path, progress:
     if not _is_hdf5(mat_path):
         header = mat_path.read_bytes()[:40].decode("latin-1").split(",")[0].strip() or "an empty file"
         raise DatasetError(f"'{mat_path}' is not {expected}: found {header!r} (not HDF5; is it a split file?)")
-    with h5py.File(mat_path, "r") as mat:
+    try:
+        mat = h5py.File(mat_path, "r")
+    except OSError as err:  # a truncated copy
+        raise DatasetError(f"'{mat_path}' is not {expected}: {str(err).splitlines()[0]}") from None
+    with mat:
         if not isinstance(mat.get(variant), h5py.Dataset) or mat[variant].dtype != h5py.ref_dtype:
             found = ", ".join(k for k in mat if not k.startswith("#")) or "no variables"
             raise DatasetError(f"'{mat_path}' is not {expected}: found {found}")
@@ -141,6 +145,7 @@ def extract_cuhk03_images(mat_path: Path, variant: str, out_dir: Path, progress:
             jobs += [(pair, person, image, refs[image, person])
                      for person in range(refs.shape[1]) for image in range(10)]
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(out_dir.glob(".*.png.*.tmp"))  # images a killed extraction left half-written
         names, mode = [], new_file_mode()
         for pair, person, image, ref in tqdm(jobs, desc=f"extract {variant}", unit="img", disable=not progress):
             pixels = np.asarray(mat[ref])
@@ -151,8 +156,9 @@ def extract_cuhk03_images(mat_path: Path, variant: str, out_dir: Path, progress:
             fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
             os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as f:
+                mark_in_progress(fd)  # until renamed: remove_abandoned leaves it alone
                 Image.fromarray(np.ascontiguousarray(pixels.transpose(2, 1, 0)).astype(np.uint8)).save(f, format="PNG")
-            os.replace(tmp, out_dir / name)
+                os.replace(tmp, out_dir / name)
             names.append(name)
     logger.info("extracted %d %s images from %s to %s", len(names), variant, mat_path, out_dir)
     return set(names)

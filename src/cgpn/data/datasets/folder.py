@@ -31,6 +31,7 @@ import numpy as np
 from cgpn.data.datasets.base import IMAGE_SUFFIXES, ReidDataset, Sample, describe_folder
 from cgpn.data.datasets.split import held_out, identity_hash, pick_queries
 from cgpn.errors import ConfigError, DatasetError
+from cgpn.files import reading
 
 __all__ = ["FolderDataset", "make_split"]
 
@@ -162,10 +163,8 @@ class FolderDataset(ReidDataset):
     def _read_csv(root: Path, csv_path: Path) -> tuple[dict[str, list[_Image]], dict[str, str]]:
         """Images of a ``path,pid,camid[,subset]`` CSV, by subset ("" when the split is to be made)."""
         csv_path = csv_path if csv_path.is_absolute() else root / csv_path
-        if not csv_path.is_file():
-            raise DatasetError(f"CSV file '{csv_path}' does not exist (data.folder_csv; expected rows like "
-                               f"'{EXAMPLE},7,2')")
-        with csv_path.open(newline="") as f:
+        with reading(csv_path, "CSV file", f"data.folder_csv with rows like '{EXAMPLE},7,2'", DatasetError), \
+                csv_path.open(newline="") as f:
             rows = [(n, [c.strip() for c in row]) for n, row in enumerate(csvlib.reader(f), start=1)
                     if any(c.strip() for c in row)]
         if rows and rows[0][1][0].lower() == "path":

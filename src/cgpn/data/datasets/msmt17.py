@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cgpn.data.datasets.base import ReidDataset, Sample, describe_folder
 from cgpn.errors import DatasetError
+from cgpn.files import reading
 
 __all__ = ["MSMT17"]
 
@@ -86,7 +87,9 @@ class MSMT17(ReidDataset):
         """Samples of one list file; every listed image must exist (folders are listed, files not opened)."""
         image_dir = self.dataset_dir / subdir
         samples = []
-        for number, line in enumerate(list_path.read_text().splitlines(), start=1):
+        with reading(list_path, "MSMT17 list", f"lines like '{EXAMPLE_LINE}'", DatasetError):
+            lines = list_path.read_text().splitlines()
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             fields = line.split()

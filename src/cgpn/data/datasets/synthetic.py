@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from cgpn.data.datasets.base import MarketLayoutDataset
 from cgpn.errors import ConfigError
+from cgpn.files import write_folder
 
 __all__ = ["PRESETS", "SyntheticReid", "SyntheticSpec", "generate_synthetic"]
 
@@ -42,19 +43,40 @@ PATTERNS = ("solid", "hstripes", "vstripes", "checker", "split")
 
 @dataclass
 class SyntheticSpec:
-    """Settings of ``cgpn synth`` (flags of the same names, ``-`` for ``_``)."""
+    """Settings of ``cgpn synth`` (flags of the same names, ``-`` for ``_``); ``range`` is (lowest, highest or
+    None), checked by ``validate`` before anything is written."""
 
-    train_ids: int = field(default=64, metadata={"help": "identities in bounding_box_train"})
-    test_ids: int = field(default=50, metadata={"help": "identities in query + bounding_box_test"})
-    images_per_id: int = field(default=10, metadata={"help": "images of each identity, spread over the cameras"})
-    cameras: int = field(default=4, metadata={"help": "cameras (colour cast, brightness, blur, background)"})
-    height: int = field(default=128, metadata={"help": "image height in pixels (Market-1501: 128)"})
-    width: int = field(default=64, metadata={"help": "image width in pixels (Market-1501: 64)"})
-    occlusion: float = field(default=0.2, metadata={"help": "fraction of images with an occluder over the body"})
+    train_ids: int = field(default=64, metadata={"help": "identities in bounding_box_train", "range": (1, None)})
+    test_ids: int = field(default=50, metadata={"help": "identities in query + bounding_box_test", "range": (1, None)})
+    images_per_id: int = field(default=10, metadata={  # two queries and at least one gallery image per test id
+        "help": "images of each identity, spread over the cameras", "range": (3, None)})
+    cameras: int = field(default=4, metadata={  # a query needs its match in another camera
+        "help": "cameras (colour cast, brightness, blur, background)", "range": (2, None)})
+    height: int = field(default=128, metadata={  # the drawing's clutter needs height / 3 >= 5 pixels
+        "help": "image height in pixels (Market-1501: 128)", "range": (16, None)})
+    width: int = field(default=64, metadata={  # and width / 2 >= 4
+        "help": "image width in pixels (Market-1501: 64)", "range": (8, None)})
+    occlusion: float = field(default=0.2, metadata={
+        "help": "fraction of images with an occluder over the body", "range": (0, 1)})
     truncation: float = field(default=0.15, metadata={
-        "help": "fraction of images with the top or bottom of the body cut off"})
-    distractors: int = field(default=0, metadata={"help": "extra gallery images of pid 0000 (Market's distractors)"})
-    seed: int = field(default=0, metadata={"help": "the same seed writes the same images"})
+        "help": "fraction of images with the top or bottom of the body cut off", "range": (0, 1)})
+    distractors: int = field(default=0, metadata={
+        "help": "extra gallery images of pid 0000 (Market's distractors)", "range": (0, None)})
+    seed: int = field(default=0, metadata={"help": "the same seed writes the same images", "range": (0, None)})
+
+    def validate(self) -> SyntheticSpec:
+        """``self`` if every value is within its range, else a ConfigError naming the first flag that is not."""
+        for f in fields(self):
+            low, high = f.metadata["range"]
+            value = getattr(self, f.name)
+            if value < low or (high is not None and value > high):
+                bound = f"at least {low}" if high is None else f"between {low} and {high}"
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be {bound}, got {value}")
+        if self.images_per_id == 3 and self.cameras < 3:
+            raise ConfigError("with --images-per-id 3 a test identity has one gallery image, which must come from "
+                              "a third camera for both queries to have a match: use --cameras >= 3 or "
+                              "--images-per-id >= 4")
+        return self
 
 
 PRESETS: dict[str, SyntheticSpec] = {
@@ -242,25 +264,25 @@ def _cross_camera_gallery(query: np.ndarray, gallery: np.ndarray, cameras: int) 
 
 
 def generate_synthetic(out: str | Path, spec: SyntheticSpec | None = None, progress: bool = True) -> dict[str, int]:
-    """Write the data set described by ``spec`` under ``out``; returns the image count per folder.
+    """Write the data set described by ``spec`` as the folder ``out``; returns the image count per folder.
 
     The same spec always gives byte-identical files. Every test identity is seen by at least two
-    cameras; its query holds one image from each of two cameras, its gallery the rest.
+    cameras; its query holds one image from each of two cameras, its gallery the rest. Every value is
+    checked first; the set is written into a temporary folder beside ``out``, which then replaces ``out``
+    (``cgpn.files.write_folder``): an existing ``out`` is replaced only if ``cgpn synth`` wrote it.
     """
-    spec = spec or SyntheticSpec()
-    if spec.cameras < 2 or spec.images_per_id < 3 or spec.train_ids < 1 or spec.test_ids < 1:
-        raise ConfigError("synthetic data needs --cameras >= 2, --images-per-id >= 3 and at least one "
-                          f"train and one test identity, got {spec}")
-    if spec.images_per_id == 3 and spec.cameras < 3:
-        raise ConfigError("with --images-per-id 3 a test identity has one gallery image, which must come from "
-                          "a third camera for both queries to have a match: use --cameras >= 3 or "
-                          "--images-per-id >= 4")
-    out = Path(out)
+    spec = (spec or SyntheticSpec()).validate()
+    with write_folder(out, "cgpn synth") as tmp:
+        counts = _write(tmp, spec, progress)
+    logger.debug("wrote %s images to %s", sum(counts.values()), out)
+    return counts
+
+
+def _write(out: Path, spec: SyntheticSpec, progress: bool) -> dict[str, int]:
+    """Write the images and ``synthetic.json`` of ``spec`` into the empty folder ``out``."""
     dirs = {name: out / name for name in ("bounding_box_train", "query", "bounding_box_test")}
     for d in dirs.values():
-        d.mkdir(parents=True, exist_ok=True)
-        for old in d.glob("*.jpg"):
-            old.unlink()
+        d.mkdir()
     rng = np.random.default_rng(spec.seed)
     cameras = [_camera(rng) for _ in range(spec.cameras)]
     n_ids = spec.train_ids + spec.test_ids
@@ -286,7 +308,6 @@ def generate_synthetic(out: str | Path, spec: SyntheticSpec | None = None, progr
         Image.fromarray(pixels).save(dirs[folder] / f"{pid:04d}_c{cam + 1}s1_{frame:06d}_00.jpg", quality=92)
         counts[folder] += 1
     (out / "synthetic.json").write_text(json.dumps(asdict(spec), indent=2))
-    logger.debug("wrote %s images to %s", sum(counts.values()), out)
     return counts
 
 
