@@ -14,6 +14,7 @@ __all__ = [
     "ImageError",
     "IndexFileError",
     "PretrainedWeightsError",
+    "RequestError",
     "TrainingDivergedError",
 ]
 
@@ -54,3 +55,16 @@ class IndexFileError(CgpnError):
 
 class TrainingDivergedError(CgpnError):
     """A loss term became NaN or infinite; the run stopped before the bad update."""
+
+
+class RequestError(CgpnError):
+    """A request to ``cgpn serve`` that cannot be answered (a bad upload, feature, id or setting).
+
+    Args:
+        message: the one line the client sees.
+        status: the HTTP status of the answer (4xx).
+    """
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
