@@ -26,10 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 64, 32  # small images: ResNet-18 maps of 4 x 2, enough rows for the 4 stripes of branch 3
 
 
-def make_checkpoint(path: Path, name: str = "cgpn", num_classes: int = 5, seed: int = 0) -> Path:
-    """An untrained ResNet-18 ``name`` at 64 x 32, saved as cgpn train would (no training: weights are seeded)."""
+def make_checkpoint(path: Path, name: str = "cgpn", num_classes: int = 5, seed: int = 0, height: int = HEIGHT,
+                    width: int = WIDTH) -> Path:
+    """An untrained ResNet-18 ``name`` (64 x 32 unless told), saved as cgpn train would (weights are seeded)."""
     cfg = Config.from_dict({"model": {"name": name, "backbone": "resnet18", "pretrained": False},
-                            "data": {"height": HEIGHT, "width": WIDTH, "workers": 0, "test_batch_size": 32}})
+                            "data": {"height": height, "width": width, "workers": 0, "test_batch_size": 32}})
     torch.manual_seed(seed)
     model = build_model_from_config(cfg, num_classes, pretrained=False)
     save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "num_classes": num_classes,
