@@ -165,6 +165,21 @@ def test_micro_batcher_serves_what_waits_in_one_call() -> None:
     assert calls == [[0], [1, 2, 3, 4], [5, 6]]  # at most max_batch per call, in order
     assert (batcher.calls, batcher.items) == (3, 7)
 
+    # announced items: a call waits for them (here up to 2 s: 100 x the previous call's 20 ms, within max_wait)
+    announced = MicroBatcher(lambda items: time.sleep(0.02 * (items == [0])) or calls.append(list(items)) or items,
+                             max_batch=8, name="announced", wait_fraction=100, max_wait=5)
+    announced.submit(0).result(10)
+    calls.clear()
+    with announced.ticket() as ticket:
+        first = announced.submit(1)  # a call starts with 1 while 2 is on its way...
+        time.sleep(0.001)
+        second = announced.submit(2, ticket)
+    assert (first.result(10), second.result(10)) == (1, 2) and calls == [[1, 2]]  # ...and serves both
+    with announced.ticket():
+        pass  # announced, never submitted: no call is held by it afterwards
+    assert announced.submit(3).result(10) == 3 and calls[-1] == [3]
+    announced.close()
+
     failing = MicroBatcher(lambda items: [1 / x for x in items], max_batch=8, name="fail")
     with pytest.raises(ZeroDivisionError):
         failing.submit(0).result(10)
@@ -194,6 +209,7 @@ def test_results_page_filters_pages_and_frames(client: TestClient, ref: dict) ->
     assert [i for _, i, _ in tiles] == brute_force(ref, query, 2 * PER_PAGE)[0]
     assert [r for _, _, r in tiles] == list(range(1, 2 * PER_PAGE + 1))
     assert tiles[0][1] == row  # a gallery image is its own nearest
+    assert "same identity" in page1.text  # the legend of the frames
     # green (match) exactly where the identity is the query's, red elsewhere (cgpn show's frames)
     assert all((frame == "match") == (int(ref["pids"][i]) == pid) for frame, i, _ in tiles)
     assert {frame for frame, _, _ in tiles} <= {"match", "other"}
@@ -226,6 +242,7 @@ def test_upload_on_the_page_redirects_to_its_results(client: TestClient, gallery
     cli_hits = cli_search(capsys, gallery, query, PER_PAGE)
     assert [str(ref["paths"][i]) for _, i, _ in _tiles(page.text)] == [h["path"] for h in cli_hits]
     assert {frame for frame, _, _ in _tiles(page.text)} == {"plain"}  # an upload's identity is unknown
+    assert "same identity" not in page.text and "identity unknown" in page.text
     thumb = client.get(re.search(r'src="(/api/uploads/[0-9a-f]{16}/thumb)"', page.text).group(1))
     assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).format == "JPEG"
 

@@ -6,6 +6,7 @@ path. Every refused request answers ``{"detail": "one line"}`` with a 4xx status
 
 from typing import Annotated  # no `from __future__ import annotations`: FastAPI reads the routes' annotations
 
+import numpy as np
 from fastapi import APIRouter, Depends, Path, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -78,27 +79,32 @@ async def health(service: Service) -> Health:
                  "application/json": {"schema": FeatureQuery.model_json_schema()},
                  "multipart/form-data": {"schema": _MULTIPART_SCHEMA}}}})
 async def search(request: Request, service: Service) -> SearchResponse:
+    with service.search_ticket() as ticket:  # concurrent searches may wait a little for this one
+        query, feature = await _query(request, service)
+        hits = await service.search(feature, query.topk, query.camids, ticket)
+    return SearchResponse(topk=query.topk, camids=query.camids, results=hits)
+
+
+async def _query(request: Request, service: SearchService) -> tuple[ImageQuery | FeatureQuery, np.ndarray]:
+    """The search settings and the query feature of a request: an uploaded image (embedded) or a feature."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        image, _, fields = await read_upload(request, service)
-        try:
-            query: ImageQuery | FeatureQuery = ImageQuery.model_validate(
-                {k: v if k == "camids" else v[0] for k, v in fields.items()})
-        except ValidationError as err:
-            raise RequestError(validation_message(err)) from None
-        service.check_search(query.topk, query.camids)  # before the image is embedded
-        feature = await service.embed(image)
-    elif content_type.startswith("application/json"):
+        with service.embed_ticket() as ticket:
+            image, _, fields = await read_upload(request, service)
+            try:
+                query = ImageQuery.model_validate({k: v if k == "camids" else v[0] for k, v in fields.items()})
+            except ValidationError as err:
+                raise RequestError(validation_message(err)) from None
+            service.check_search(query.topk, query.camids)  # before the image is embedded
+            return query, await service.embed(image, ticket)
+    if content_type.startswith("application/json"):
         try:
             query = FeatureQuery.model_validate_json(await request.body())
         except ValidationError as err:
             raise RequestError(validation_message(err)) from None
-        feature = service.check_feature(query.feature)
-    else:
-        raise RequestError(f"content type '{content_type[:60]}' is not accepted: send multipart/form-data with an "
-                           f"image in field 'image', or application/json with a 'feature'", 415)
-    hits = await service.search(feature, query.topk, query.camids)
-    return SearchResponse(topk=query.topk, camids=query.camids, results=hits)
+        return query, service.check_feature(query.feature)
+    raise RequestError(f"content type '{content_type[:60]}' is not accepted: send multipart/form-data with an image "
+                       f"in field 'image', or application/json with a 'feature'", 415)
 
 
 def _image_routes(kind: str, prefix: str, number: type) -> None:

@@ -163,16 +163,17 @@ async def search_page(request: Request, service: Service, query: int | None = No
                   cameras=service.cameras, source=source, filters=filters, tiles=tiles, note=note,
                   no_match=filters.threshold is not None and bool(hits) and not matches,
                   nearest=hits[0].distance if hits else None, page=number, first_rank=start + 1,
-                  prev_url=url(page=number - 1) if number > 1 else "",
+                  identity_known=source.pid is not None, prev_url=url(page=number - 1) if number > 1 else "",
                   next_url=url(page=number + 1) if len(matches) > start + per_page else "")
 
 
 @router.post("/search")
 async def upload_search(request: Request, service: Service) -> Response:
-    image, name, fields = await read_upload(request, service)
-    filters = parse_filters(fields.get("cam", []), (fields.get("hide_same_camera") or [""])[0],
-                            (fields.get("threshold") or [""])[0])
-    feature = await service.embed(image)
+    with service.embed_ticket() as ticket:
+        image, name, fields = await read_upload(request, service)
+        filters = parse_filters(fields.get("cam", []), (fields.get("hide_same_camera") or [""])[0],
+                                (fields.get("threshold") or [""])[0])
+        feature = await service.embed(image, ticket)
     token = service.remember(feature, image, name)
     query = urlencode([("upload", token), *filters.pairs()])
     return RedirectResponse(f"{request.scope.get('root_path', '')}/search?{query}", status_code=303)

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.templating import Jinja2Templates
 
 __all__ = ["TEMPLATES", "error_response", "is_api", "render"]
 
-TEMPLATES = Jinja2Templates(env=Environment(loader=PackageLoader("cgpn.serve", "templates"),
-                                            autoescape=select_autoescape(default=True)))
+TEMPLATES = Jinja2Templates(env=Environment(loader=PackageLoader("cgpn.serve", "templates"),  # a name missing
+                                            autoescape=select_autoescape(default=True),  # from the context is
+                                            undefined=StrictUndefined))  # an error, not an empty string
 _API_PREFIXES = ("/api/", "/openapi.json")
 
 

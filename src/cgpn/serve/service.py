@@ -34,7 +34,7 @@ from cgpn.data.loader import read_image
 from cgpn.errors import CgpnError, RequestError
 from cgpn.extractor import FeatureExtractor, list_images
 from cgpn.retrieval import GalleryIndex, parse_market_names
-from cgpn.serve.batching import MicroBatcher
+from cgpn.serve.batching import MicroBatcher, Ticket
 from cgpn.serve.models import GalleryItem, Health, Hit, ModelInfo
 
 __all__ = ["THUMB_SIZE", "SearchService", "Upload"]
@@ -157,10 +157,18 @@ class SearchService:
 
     # --- features ------------------------------------------------------------------------------------
 
-    async def embed(self, image: Image.Image) -> np.ndarray:
+    def embed_ticket(self) -> Ticket:
+        """Announce an image to embed soon (an upload being read): concurrent embeddings wait a little for it."""
+        return self._embedder.ticket()
+
+    def search_ticket(self) -> Ticket:
+        """Announce a search soon (a request being read): concurrent searches wait a little for it."""
+        return self._searcher.ticket()
+
+    async def embed(self, image: Image.Image, ticket: Ticket | None = None) -> np.ndarray:
         """The (D,) feature of an RGB image, embedded together with the images of concurrent requests."""
         tensor = await run_in_threadpool(self.extractor.preprocess, image)
-        return await self._embedder.run(tensor)
+        return await self._embedder.run(tensor, ticket)
 
     def _embed_batch(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
         return list(self.extractor.features(torch.stack(tensors)).numpy())
@@ -232,13 +240,14 @@ class SearchService:
             raise RequestError("the camera filter is empty: name at least one camid, or leave it out for all")
         return frozenset(int(c) for c in camids)
 
-    async def search(self, feature: np.ndarray, topk: int, camids: Sequence[int] | None = None) -> list[Hit]:
+    async def search(self, feature: np.ndarray, topk: int, camids: Sequence[int] | None = None,
+                     ticket: Ticket | None = None) -> list[Hit]:
         """The ``topk`` nearest gallery images of a (D,) feature, nearest first, from the cameras ``camids``.
 
         Concurrent searches are done together: one index search for all that wait (per camera filter).
         """
         cameras = self.check_search(topk, camids)
-        return await self._searcher.run((self.check_feature(feature), topk, cameras))
+        return await self._searcher.run((self.check_feature(feature), topk, cameras), ticket)
 
     def _camera_mask(self, cameras: frozenset[int]) -> np.ndarray:
         return np.isin(self.index.camids, list(cameras))
