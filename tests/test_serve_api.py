@@ -180,6 +180,24 @@ def test_micro_batcher_serves_what_waits_in_one_call() -> None:
     assert announced.submit(3).result(10) == 3 and calls[-1] == [3]
     announced.close()
 
+    # callers answered by a call come back: the next call waits for as many as the last one saw (else two
+    # groups of clients take turns, each call serving half of them)
+    held, seen = threading.Event(), []
+    turns = MicroBatcher(lambda items: (held.wait(10) and seen.append(list(items))) or items, max_batch=8,
+                         name="turns", wait_fraction=100, max_wait=5)
+    group_a = turns.submit("a")
+    while turns.waiting:  # "a" is being served...
+        time.sleep(0.001)
+    group_b = [turns.submit(x) for x in ("b1", "b2")]  # ...while group b waits
+    time.sleep(0.03)  # the call of "a" lasts 30 ms: the next one may wait up to 100 x that (capped at 5 s)
+    held.set()
+    assert group_a.result(10) == "a"
+    time.sleep(0.05)
+    a_again = turns.submit("a2")  # "a" comes back after its answer, while b1, b2 wait for it
+    assert [f.result(10) for f in (*group_b, a_again)] == ["b1", "b2", "a2"]
+    assert seen == [["a"], ["b1", "b2", "a2"]]
+    turns.close()
+
     failing = MicroBatcher(lambda items: [1 / x for x in items], max_batch=8, name="fail")
     with pytest.raises(ZeroDivisionError):
         failing.submit(0).result(10)
