@@ -118,3 +118,21 @@ def timed(fn, repeat: int, device: torch.device) -> tuple[float, object]:
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best, result
+
+
+def machine_line() -> str:
+    """This machine as the benchmarks report it: CPU model, the flags that decide the fast paths (AVX2, AVX-512,
+    AVX512-BF16, AMX), torch threads and version; the GPU name when there is one."""
+    model, flags = "unknown CPU", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    present = " ".join(f for f in wanted if f in flags) or "none of " + "/".join(wanted)
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{model}, flags {present}; torch {torch.__version__}, {torch.get_num_threads()} threads "
+            f"(capability {torch.backends.cpu.get_cpu_capability()}){gpu}")

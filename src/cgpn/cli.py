@@ -203,8 +203,8 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 def _extractor(args: argparse.Namespace, checkpoint: str):
     from cgpn.extractor import FeatureExtractor
 
-    return FeatureExtractor(checkpoint, device=args.device, batch_size=args.batch_size, flip=not args.no_flip,
-                            backend=args.backend)
+    return FeatureExtractor(checkpoint, device=args.device, batch_size=args.batch_size,
+                            flip=False if args.no_flip else None, backend=args.backend)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -293,7 +293,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = listen(settings.host, settings.port)  # a port in use is reported before the network loads
     try:
         service = SearchService.open(args.index, args.checkpoint, args.queries, settings, device=args.device,
-                                     backend=args.backend, batch_size=args.batch_size, flip=not args.no_flip)
+                                     backend=args.backend, batch_size=args.batch_size,
+                                     flip=False if args.no_flip else None)
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         print(f"serving {len(service.index):,} gallery images at {url} (JSON API: {url}/docs); Ctrl-C stops",
@@ -430,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("serve", parents=[common],
                          help="a gallery-search web page and JSON API over an index (on 127.0.0.1 unless --host)")
     p.add_argument("--index", required=True, help="an index written by cgpn index build (opened read-only)")
-    p.add_argument("--checkpoint", help="embed image queries with this checkpoint (default: the index's)")
+    p.add_argument("--checkpoint", help="embed image queries with this checkpoint, or an ONNX file written by cgpn "
+                   "export (default: the index's checkpoint)")
     p.add_argument("--queries", metavar="DIR", help="a folder of query images to offer on the page")
     for f in dataclasses.fields(ServeSettings):
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,

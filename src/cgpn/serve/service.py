@@ -70,7 +70,8 @@ class SearchService:
 
     Args:
         index: the gallery (loaded with ``GalleryIndex.load(path, mmap=True)`` by ``open``).
-        extractor: turns query images into features of the index's size.
+        extractor: turns a query image into the network's input (``preprocess``); its ``runtime`` embeds
+            batches of them into features of the index's size.
         queries: image files offered as queries on the page (``cgpn serve --queries``).
         settings: limits and sizes (``ServeSettings``).
     """
@@ -78,7 +79,7 @@ class SearchService:
     def __init__(self, index: GalleryIndex, extractor: FeatureExtractor, queries: Sequence[str | Path] = (),
                  settings: ServeSettings | None = None) -> None:
         index.check_dim(extractor.feature_dim)
-        self.index, self.extractor = index, extractor
+        self.index, self.extractor, self.runtime = index, extractor, extractor.runtime
         self.settings = settings or ServeSettings()
         self.files: dict[ImageKind, list[Path]] = {"gallery": [Path(p) for p in index.paths],
                                                    "query": [Path(p) for p in queries]}
@@ -98,9 +99,10 @@ class SearchService:
     @classmethod
     def open(cls, index_path: str | Path, checkpoint: str | Path | None = None, queries: str | Path | None = None,
              settings: ServeSettings | None = None, device: str = "auto", backend: str = "auto",
-             batch_size: int = 32, flip: bool = True) -> SearchService:
+             batch_size: int = 32, flip: bool | None = None) -> SearchService:
         """Load the index read-only (an exact index's vectors are mapped from the file, not copied) and the
-        network of ``checkpoint`` (default: the one the index records), as ``cgpn search`` does."""
+        network of ``checkpoint`` (a checkpoint or an ONNX file written by ``cgpn export``; default: the one
+        the index records), with the settings ``cgpn search`` takes (``flip`` None: the source's own)."""
         index = GalleryIndex.load(index_path, mmap=True)
         query_files = list_images(queries) if queries is not None else []
         extractor = FeatureExtractor(index.query_checkpoint(checkpoint), device=device, batch_size=batch_size,
@@ -171,7 +173,7 @@ class SearchService:
         return await self._embedder.run(tensor, ticket)
 
     def _embed_batch(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
-        return list(self.extractor.features(torch.stack(tensors)).numpy())
+        return list(self.runtime(torch.stack(tensors)).numpy())
 
     async def file_feature(self, kind: ImageKind, number: int) -> np.ndarray:
         """The feature of an image of ``kind``, embedded from its file as ``cgpn search --query FILE`` does."""
@@ -278,11 +280,10 @@ class SearchService:
     # --- status --------------------------------------------------------------------------------------
 
     def health(self) -> Health:
-        cfg = self.extractor.config
-        checkpoint = self.extractor.checkpoint.name if self.extractor.checkpoint else "(in memory)"
-        model = ModelInfo(checkpoint=checkpoint, name=f"{cfg.model.name}/{cfg.model.backbone}",
-                          input_size=[cfg.data.height, cfg.data.width], backend=self.extractor.backend,
-                          device=str(self.extractor.device))
+        rt = self.runtime
+        model = ModelInfo(checkpoint=rt.checkpoint.name if rt.checkpoint else "(in memory)",
+                          name=f"{rt.config.model.name}/{rt.config.model.backbone}", input_size=list(rt.input_shape),
+                          backend=rt.backend, device=str(rt.device))
         return Health(gallery_size=len(self.index), dim=self.index.dim, index_kind=self.index.settings.kind,
                       cameras=self.cameras, queries=self.count("query"), max_topk=self.settings.max_topk,
                       model=model, searches=self._searcher.items, search_batches=self._searcher.calls,
