@@ -440,3 +440,19 @@ def test_cgpn_serve_checks_its_settings_before_loading(gallery: Gallery, capsys:
                           "--port", "0"))
     assert "image folder" in line and "does not exist" in line
     assert json.loads(gallery.index.with_name("gallery.faiss.json").read_text())["count"] == 24
+
+
+def test_an_onnx_file_embeds_the_queries_as_it_does_for_cgpn_search(gallery: Gallery, ref: dict, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """``--checkpoint model.onnx`` (written by cgpn export) runs through the runtime's ONNX Runtime path."""
+    onnx = tmp_path / "tiny.onnx"
+    assert cli(capsys, "export", "--checkpoint", str(gallery.checkpoint), "--onnx", str(onnx)).returncode == 0
+    query = sorted(gallery.queries.glob("*.jpg"))[4]
+    service = SearchService.open(gallery.index, checkpoint=onnx, device="cpu")
+    with TestClient(create_app(service)) as c:
+        hits = c.post("/api/search", files={"image": _jpeg(query)}, data={"topk": "8"}).json()["results"]
+        assert c.get("/api/health").json()["model"]["backend"] == "onnx"
+    run = cli(capsys, "search", "--index", str(gallery.index), "--query", str(query), "--topk", "8", "--json",
+              "--checkpoint", str(onnx))
+    assert run.returncode == 0, run.stderr
+    assert [str(ref["paths"][h["id"]]) for h in hits] == [h["path"] for h in json.loads(run.stdout)[0]["results"]]
