@@ -375,6 +375,7 @@ def test_bad_ids_get_one_line(client: TestClient, path: str, status: int, text: 
     ("get", "/search?gallery=3&cam=9", {}, 422, "unknown camera 9"),
     ("get", "/search?gallery=99", {}, 404, "gallery id 99 does not exist"),
     ("get", "/search?gallery=3&query=1", {}, 422, "exactly one"),
+    ("get", "/search?query=first", {}, 422, "query: Input should be a valid integer"),
     ("get", "/search?upload=ffffffffffffffff", {}, 404, "upload the image again"),
     ("get", "/search?upload=../../etc/passwd", {}, 422, "upload: String should match pattern"),
     ("get", "/search?gallery=3&page=0", {}, 404, "page 0 does not exist"),

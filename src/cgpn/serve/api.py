@@ -48,7 +48,8 @@ def validation_message(err: ValidationError | list[dict]) -> str:
     errors = err.errors() if isinstance(err, ValidationError) else err
     parts = []
     for e in errors[:3]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "form")) or "request"
+        loc = tuple(e.get("loc", ()))
+        loc = ".".join(str(x) for x in (loc[1:] if loc[:1] in (("body",), ("query",), ("path",)) else loc)) or "request"
         got = f" (got {repr(e['input'])[:40]})" if e.get("input") is not None and e.get("type") != "missing" else ""
         parts.append(f"{loc}: {e.get('msg', 'invalid')}{got}")
     return "; ".join(parts)
