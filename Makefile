@@ -23,6 +23,11 @@ demo: install
 	$(BIN)/cgpn synth --out $(DEMO_DIR)/data --preset demo
 	$(BIN)/cgpn train --config configs/demo.yaml --set data.root=$(DEMO_DIR)/data --set output_dir=$(DEMO_DIR) --resume auto
 	$(BIN)/cgpn show --checkpoint $(DEMO_DIR)/last.pt --set data.root=$(DEMO_DIR)/data --out $(DEMO_DIR)/ranked_list.png
+	# the demo gallery, searchable: its features and an exact index (what cgpn serve opens, read-only)
+	$(BIN)/cgpn -q extract --checkpoint $(DEMO_DIR)/last.pt --images $(DEMO_DIR)/data/bounding_box_test --out $(DEMO_DIR)/gallery.npz
+	$(BIN)/cgpn -q index build --features $(DEMO_DIR)/gallery.npz --out $(DEMO_DIR)/gallery.faiss
+	@echo "search the demo gallery in a browser (http://127.0.0.1:8000; Ctrl-C stops):"
+	@echo "  $(BIN)/cgpn serve --index $(DEMO_DIR)/gallery.faiss --queries $(DEMO_DIR)/data/query"
 
 test: install
 	$(BIN)/ruff check src tests benchmarks

@@ -95,6 +95,28 @@ def test_index_equals_brute_force(kind: str, tmp_path: Path) -> None:
     assert index.search(queries, topk=1000)[1].shape == (20, 300)  # topk capped at the gallery size
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_search_over_allowed_rows_equals_brute_force_over_them(kind: str, tmp_path: Path) -> None:
+    """A filter (e.g. cameras) picks the k nearest among the allowed rows, for the exact path (one matrix
+    multiply) and the FAISS path (an ID selector) alike; fewer allowed rows than k leave -1 rows."""
+    gallery, queries = _unit(300, 48, 14), _unit(20, 48, 15)
+    GalleryIndex.build(FeatureFile([f"g{i}.jpg" for i in range(300)], gallery),
+                       IndexSettings(kind=kind, nlist=6, nprobe=6)).save(tmp_path / "g.faiss")
+    index = GalleryIndex.load(tmp_path / "g.faiss", mmap=True)
+    allowed = np.random.default_rng(16).random(300) < 0.3
+    scores, rows = index.search(queries, topk=10, allowed=allowed)
+    kept = np.flatnonzero(allowed)
+    ref_scores, ref_rows = _brute_force(queries, gallery[kept], 10)
+    np.testing.assert_array_equal(rows, kept[ref_rows])
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    few = np.zeros(300, dtype=bool)
+    few[[5, 7]] = True
+    rows = index.search(queries[:2], topk=4, allowed=few)[1]
+    assert sorted(rows[0, :2].tolist()) == [5, 7] and rows[:, 2:].tolist() == [[-1, -1], [-1, -1]]
+    with pytest.raises(ConfigError, match="one bool per gallery row"):
+        index.search(queries, topk=3, allowed=allowed[:10])
+
+
 def test_ivfpq_finds_each_gallery_vector_itself(tmp_path: Path) -> None:
     gallery = _unit(256, 32, 2)
     index = GalleryIndex.build(FeatureFile([str(i) for i in range(256)], gallery),  # 4-bit codes: quick to train

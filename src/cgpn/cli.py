@@ -327,13 +327,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not query.exists():
         raise DatasetError(f"query '{query}' does not exist (expected an image file or a folder of images)")
     index = GalleryIndex.load(args.index)
-    if args.checkpoint and index.checkpoint and Path(args.checkpoint).resolve() != Path(index.checkpoint).resolve():
-        logger.warning("the index holds features of %s; embedding the queries with %s instead: the scores mean "
-                       "something only if both networks are the same", index.checkpoint, args.checkpoint)
-    checkpoint = args.checkpoint or index.checkpoint
-    if not checkpoint:
-        raise ConfigError(f"index '{args.index}' does not name the checkpoint its features came from; "
-                          f"pass --checkpoint C (the one given to cgpn extract)")
+    checkpoint = index.query_checkpoint(args.checkpoint)
     paths = [str(p) for p in list_images(query)] if query.is_dir() else [str(query)]
     if args.gpu and not index.to_gpu():
         logger.warning("--gpu: this faiss build has no GPU support or sees no GPU; searching on the CPU")
@@ -358,6 +352,28 @@ def cmd_search(args: argparse.Namespace) -> int:
         for hit in item["results"]:
             ids = f"  id {hit['pid']:>5} cam {hit['camid'] + 1}" if "pid" in hit else ""
             print(f"  {hit['rank']:>3}  {hit['score']:.4f}{ids}  {hit['path']}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cgpn.config import ServeSettings
+
+    settings = ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
+    from cgpn.serve import SearchService, check_settings, create_app, listen, serve
+
+    check_settings(settings)
+    sock = listen(settings.host, settings.port)  # a port in use is reported before the network loads
+    try:
+        service = SearchService.open(args.index, args.checkpoint, args.queries, settings, device=args.device,
+                                     backend=args.backend, batch_size=args.batch_size,
+                                     flip=False if args.no_flip else None)
+        host, port = sock.getsockname()[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        print(f"serving {len(service.index):,} gallery images at {url} (JSON API: {url}/docs); Ctrl-C stops",
+              flush=True)
+        serve(create_app(service), sock, log_level="warning" if args.quiet else "info")
+    finally:
+        sock.close()
     return 0
 
 
@@ -398,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-q", "--quiet", action="store_true", default=default, help="only warnings and results")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    from cgpn.config import INDEX_KINDS, ONNX_OPSET, IndexSettings
+    from cgpn.config import INDEX_KINDS, ONNX_OPSET, IndexSettings, ServeSettings
     from cgpn.data.datasets.synthetic import SyntheticSpec
 
     p = verbs.add_parser("synth", parents=[common],
@@ -499,6 +515,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="search on the GPUs when faiss has GPU support")
     _add_extractor_args(p)
     p.set_defaults(func=cmd_search)
+
+    p = verbs.add_parser("serve", parents=[common],
+                         help="a gallery-search web page and JSON API over an index (on 127.0.0.1 unless --host)")
+    p.add_argument("--index", required=True, help="an index written by cgpn index build (opened read-only)")
+    p.add_argument("--checkpoint", help="embed image queries with this checkpoint, or an ONNX file written by cgpn "
+                   "export (default: the index's checkpoint)")
+    p.add_argument("--queries", metavar="DIR", help="a folder of query images to offer on the page")
+    for f in dataclasses.fields(ServeSettings):
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
+                       help=f"{f.metadata['help']} (default: {f.default})")
+    _add_extractor_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("export", parents=[common],
                          help="write the model as ONNX and check it with onnxruntime against PyTorch")

@@ -30,6 +30,7 @@ __all__ = [
     "EngineConfig",
     "LossConfig",
     "ModelConfig",
+    "ServeSettings",
     "SolverConfig",
     "TestConfig",
     "apply_overrides",
@@ -284,6 +285,25 @@ class IndexSettings:
     nprobe: int = 16  # ivf*: lists visited per query (more: slower, closer to exact)
     pq_m: int = 64  # ivfpq: sub-vectors per feature (must divide the feature size; 3072 / 64 = 48 dims each)
     pq_bits: int = 8  # ivfpq: bits per sub-vector code
+
+
+@dataclass
+class ServeSettings:
+    """What ``cgpn serve`` listens on and accepts (its flags of the same names, from each field's help)."""
+
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address to listen on; the default is this machine only (the server has no authentication)"})
+    port: int = field(default=8000, metadata={"help": "TCP port (0: any free port, printed at start)"})
+    max_upload_mb: float = field(default=10.0, metadata={
+        "help": "largest request body (an uploaded image) in MiB; larger ones are refused with 413"})
+    max_pixels: int = field(default=25_000_000, metadata={
+        "help": "largest width x height of an uploaded image, read from its header before decoding (413 above)"})
+    max_topk: int = field(default=1000, metadata={"help": "most results one search may ask for"})
+    per_page: int = field(default=24, metadata={"help": "results per page of the search page"})
+    max_batch: int = field(default=64, metadata={
+        "help": "most concurrent queries searched (or images embedded) together as one batch"})
+    uploads_kept: int = field(default=256, metadata={
+        "help": "uploaded queries the page remembers for its result pages (the oldest are dropped)"})
 
 
 def _field_types(obj: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ __all__ = [
     "ImageError",
     "IndexFileError",
     "PretrainedWeightsError",
+    "RequestError",
     "TrainingDivergedError",
 ]
 
@@ -59,3 +60,16 @@ class TrainingDivergedError(CgpnError):
 
 class FolderInUseError(ConfigError):
     """An output folder another process is writing (``cgpn.files.lock_folder``)."""
+
+
+class RequestError(CgpnError):
+    """A request to ``cgpn serve`` that cannot be answered (a bad upload, feature, id or setting).
+
+    Args:
+        message: the one line the client sees.
+        status: the HTTP status of the answer (4xx).
+    """
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,0 +1,362 @@
+"""Load on ``cgpn serve`` over loopback: 1, 4 and 32 concurrent clients, 20 s each, then it stops.
+
+The gallery is 100,000 synthetic 3072-d unit features in an exact (flat) index; the server runs as
+``cgpn serve`` in a subprocess, the clients are asyncio tasks of this process (httpx, keep-alive). Each
+phase sends feature queries (JSON, a 3072-d vector) or image queries (a JPEG upload, embedded by the
+network, then searched) for 20 s and reports requests/s, p50 / p99 latency, errors, and the mean number of
+queries per index search (concurrent queries are searched together as one batch).
+
+An exact search costs 2 N D FLOPs per query, so the CPU's matrix-multiply rate bounds the queries/s; the
+script prints that bound (fp32 sgemm measured here, with the server's thread count), the ratio of the
+feature-query throughput to it, FAISS's own exact search (IndexFlatIP) on the same file as a peer, cgpn's
+search of 32 queries in this process (what the server's batches run, without HTTP), the same server with
+batching off (``--max-batch 1``), and the time one pass over the gallery takes at this machine's memory
+read rate (the least latency any exact fp32 search can have).
+
+    python benchmarks/serve_load.py                                    # untrained CGPN-R18 at 128 x 64 (the demo's)
+    python benchmarks/serve_load.py --checkpoint runs/demo/last.pt --seconds 20 --clients 1,4,32
+
+Goals (issue 12, 2 CPU cores, exact index): no errors; feature queries at 32 clients >= 70 % of the bound;
+p99 < 50 ms at 4 clients. The load generator shares the CPU with the server: its own CPU time is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import platform
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from infer_speed import matmul_gflops  # noqa: E402  (beside this script)
+
+from cgpn.config import IndexSettings  # noqa: E402
+from cgpn.retrieval import GalleryIndex  # noqa: E402
+from cgpn.retrieval.index import import_faiss  # noqa: E402
+from serve_helpers import make_checkpoint  # noqa: E402  (from tests/, on the path just above)
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gallery", type=int, default=100_000, help="gallery size N")
+    p.add_argument("--dim", type=int, default=3072, help="feature size D (CGPN: 3072)")
+    p.add_argument("--clients", default="1,4,32", help="concurrent clients per phase")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--checkpoint", help="network for image queries (default: an untrained CGPN-R18 at 128 x 64)")
+    p.add_argument("--backend", default="auto", help="FeatureExtractor backend of the server")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="the server's CPU threads")
+    p.add_argument("--skip-unbatched", action="store_true", help="leave out the --max-batch 1 comparison")
+    p.add_argument("--workdir", help="where to write the gallery (default: a temporary folder)")
+    return p.parse_args()
+
+
+# --- the machine and its bounds --------------------------------------------------------------------------
+
+
+def machine() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"model name\s*:\s*(.*)", info)
+    flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split()) if "flags" in info else set()
+    return (f"{model.group(1) if model else platform.processor()}, {os.cpu_count()} cores, flags "
+            f"{' '.join(f for f in CPU_FLAGS if f in flags) or 'none of ' + '/'.join(CPU_FLAGS)}; "
+            f"torch {torch.__version__}, faiss {import_faiss().__version__}")
+
+
+def read_gbps(x: torch.Tensor, repeats: int = 3) -> float:
+    """Rate (GB/s) at which a pass over ``x`` reads it (a sum): what bounds one query's search."""
+    x.sum()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        x.sum()
+    return x.numel() * x.element_size() * repeats / (time.perf_counter() - start) / 1e9
+
+
+# --- the gallery -----------------------------------------------------------------------------------------
+
+
+def write_gallery(folder: Path, n: int, d: int, checkpoint: str) -> Path:
+    """An exact index of ``n`` random unit ``d``-d features, added in chunks (one copy in memory)."""
+    faiss = import_faiss()
+    index = faiss.IndexFlatIP(d)
+    rng = np.random.default_rng(0)
+    for start in range(0, n, 10_000):
+        x = rng.standard_normal((min(10_000, n - start), d), dtype=np.float32)
+        index.add(x / np.linalg.norm(x, axis=1, keepdims=True))
+    paths = [f"/synthetic/{i:06d}_c{1 + i % 6}s1_{i:06d}_00.jpg" for i in range(n)]  # never read: no thumbnails
+    ids = np.arange(n, dtype=np.int64)
+    out = GalleryIndex(index, paths, ids // 4, ids % 6, checkpoint, IndexSettings()).save(folder / "gallery.faiss")
+    del index
+    return out
+
+
+def query_image(height: int = 256, width: int = 128) -> bytes:
+    """A JPEG of a person-shaped picture from the synthetic generator's drawing code (a real decode)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (200, 205, 210))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((44, 10, 84, 54), fill=(230, 190, 160))
+    draw.rectangle((34, 56, 94, 150), fill=(40, 60, 150))
+    draw.rectangle((40, 150, 88, 246), fill=(50, 50, 50))
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+# --- the server ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    lines: list[str] = field(default_factory=list)
+
+    def memory(self) -> dict[str, int]:
+        """VmHWM (peak resident), VmRSS, RssAnon (its own allocations) and RssFile (mapped files), bytes."""
+        text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return {k: int(re.search(rf"{k}:\s*(\d+)", text).group(1)) * 1024 for k in ("VmHWM", "VmRSS", "RssAnon",
+                                                                                      "RssFile")}
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_server(index: Path, checkpoint: str, backend: str, threads: int, *extra: str) -> Server:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "cgpn", "-q", "serve", "--index", str(index), "--checkpoint", checkpoint, "--port",
+           "0", "--backend", backend, "--max-topk", "1000", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    server = Server(proc, "")
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            server.lines.append(line.rstrip())
+            match = re.search(r"at (http://[\d.]+:\d+) ", line)
+            if match:
+                server.url = match.group(1)
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(600) or not server.url:
+        proc.kill()
+        raise SystemExit("cgpn serve did not start:\n" + "\n".join(server.lines[-20:]))
+    return server
+
+
+# --- the clients -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    kind: str
+    clients: int
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    first_error: str = ""
+    searches: int = 0
+    batches: int = 0
+    client_cpu: float = 0.0
+
+    def row(self) -> str:
+        lat = np.array(self.latencies) * 1e3 if self.latencies else np.array([np.nan])
+        mean_batch = self.searches / self.batches if self.batches else float("nan")
+        return (f"| {self.kind} | {self.clients} | {len(self.latencies):,} | {len(self.latencies) / self.seconds:.1f} "
+                f"| {np.percentile(lat, 50):.1f} | {np.percentile(lat, 99):.1f} | {self.errors} | {mean_batch:.1f} "
+                f"| {100 * self.client_cpu / self.seconds:.0f} % |")
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.seconds
+
+
+async def run_phase(url: str, kind: str, clients: int, seconds: float, bodies: list[bytes], image: bytes,
+                    topk: int) -> Phase:
+    import httpx
+
+    phase = Phase(kind, clients, seconds)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as client:
+        before = (await client.get("/api/health")).json()
+        deadline = time.perf_counter() + seconds
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+
+        async def worker(w: int) -> None:
+            i = w
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                try:
+                    if kind == "feature":
+                        r = await client.post("/api/search", content=bodies[i % len(bodies)],
+                                              headers={"content-type": "application/json"})
+                    else:
+                        r = await client.post("/api/search", files={"image": ("q.jpg", image, "image/jpeg")},
+                                              data={"topk": str(topk)})
+                    ok = r.status_code == 200
+                    detail = "" if ok else f"{r.status_code} {r.text[:200]}"
+                except httpx.HTTPError as err:
+                    ok, detail = False, f"{type(err).__name__}: {err}"
+                if ok:
+                    phase.latencies.append(time.perf_counter() - start)
+                else:
+                    phase.errors += 1
+                    phase.first_error = phase.first_error or detail
+                i += clients
+
+        await asyncio.gather(*(worker(w) for w in range(clients)))
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        after = (await client.get("/api/health")).json()
+    phase.client_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    phase.searches = after["searches"] - before["searches"]
+    phase.batches = after["search_batches"] - before["search_batches"]
+    return phase
+
+
+def feature_bodies(d: int, topk: int, count: int = 64) -> list[bytes]:
+    """Pre-serialised JSON feature queries (random unit vectors): the client spends no time building them."""
+    import json
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((count, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return [json.dumps({"feature": [round(float(v), 7) for v in row], "topk": topk}).encode() for row in x]
+
+
+# --- main --------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    args = parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    n, d = args.gallery, args.dim
+    print(f"machine: {machine()}")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (other jobs share this machine)")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        checkpoint = args.checkpoint or str(make_checkpoint(Path(tmp) / "cgpn_r18.pt", num_classes=751, height=128,
+                                                            width=64))  # the demo's network, untrained
+        start = time.perf_counter()
+        index_path = write_gallery(Path(tmp), n, d, checkpoint)
+        print(f"gallery: {n:,} x {d} fp32 unit vectors, exact (flat) index of {index_path.stat().st_size / 1e9:.2f} GB "
+              f"written in {time.perf_counter() - start:.0f} s")
+
+        # bounds and the peer, measured before the server starts (nothing else of ours runs)
+        faiss = import_faiss()
+        mapped = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        vectors = torch.from_numpy(faiss.rev_swig_ptr(mapped.get_xb(), n * d)).view(n, d)
+        torch.set_num_threads(args.threads)
+        rate = matmul_gflops()
+        bound = rate * 1e9 / (2 * n * d)
+        gbps = read_gbps(vectors)
+        faiss.omp_set_num_threads(args.threads)
+        queries = np.random.default_rng(2).standard_normal((32, d)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        mapped.search(queries, args.topk)
+        t0 = time.perf_counter()
+        mapped.search(queries, args.topk)
+        faiss_qps = 32 / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for q in queries[:4]:
+            mapped.search(q[None], args.topk)
+        faiss_one = 4 / (time.perf_counter() - t0)
+        gallery = GalleryIndex.load(index_path, mmap=True)  # cgpn's own exact search, without the server
+        gallery.search(queries, args.topk)
+        t0 = time.perf_counter()
+        gallery.search(queries, args.topk)
+        kernel_qps = 32 / (time.perf_counter() - t0)
+        del vectors, mapped, gallery
+        print(f"bound: fp32 sgemm {rate:.0f} GFLOP/s ({args.threads} threads) / 2 N D = {2 * n * d / 1e9:.3f} GFLOP "
+              f"per query -> {bound:.1f} queries/s")
+        print(f"memory read rate {gbps:.1f} GB/s -> one pass over the {n * d * 4 / 1e9:.2f} GB gallery takes "
+              f"{n * d * 4 / gbps / 1e6:.0f} ms: the least latency of an exact fp32 search here")
+        print(f"peer: FAISS IndexFlatIP.search on the same file: {faiss_qps:.1f} queries/s for 32 at once, "
+              f"{faiss_one:.1f} queries/s one at a time")
+        print(f"cgpn GalleryIndex.search in this process (no server), 32 at once: {kernel_qps:.1f} queries/s = "
+              f"{100 * kernel_qps / bound:.0f} % of the bound")
+
+        image = query_image()
+        bodies = feature_bodies(d, args.topk)
+        server = start_server(index_path, checkpoint, args.backend, args.threads)
+        print(f"server: {server.lines[-1]}")
+        health = asyncio.run(_health(server.url))
+        model = health["model"]
+        print(f"search: exact fp32 (one BLAS matrix multiply per batch), {args.threads} threads; image queries: "
+              f"{model['name']} at {model['input_size'][0]} x {model['input_size'][1]}, flip-averaged, backend "
+              f"{model['backend']} on {model['device']}")
+        phases: list[Phase] = []
+        try:
+            asyncio.run(run_phase(server.url, "feature", 4, 2.0, bodies, image, args.topk))  # warm-up
+            asyncio.run(run_phase(server.url, "image", 4, 2.0, bodies, image, args.topk))
+            for kind in ("feature", "image"):
+                for c in clients:
+                    phases.append(asyncio.run(run_phase(server.url, kind, c, args.seconds, bodies, image, args.topk)))
+                    print(f"  {kind} x {c}: {phases[-1].rate:.1f} req/s", flush=True)
+            memory = server.memory()
+        finally:
+            server.stop()
+        unbatched = None
+        if not args.skip_unbatched:
+            server = start_server(index_path, checkpoint, args.backend, args.threads, "--max-batch", "1")
+            try:
+                unbatched = asyncio.run(run_phase(server.url, "feature", max(clients), args.seconds, bodies, image,
+                                                  args.topk))
+            finally:
+                server.stop()
+
+    print()
+    print("| queries | clients | requests | req/s | p50 ms | p99 ms | errors | queries per search | load generator CPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for phase in phases:
+        print(phase.row())
+    if unbatched:
+        print(unbatched.row().replace("| feature |", "| feature, --max-batch 1 |"))
+    print(f"server memory: peak resident {memory['VmHWM'] / 2**30:.2f} GiB (of which the memory-mapped index "
+          f"{memory['RssFile'] / 2**30:.2f} GiB, shared with the page cache; own allocations "
+          f"{memory['RssAnon'] / 2**30:.2f} GiB)")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    top = max((p for p in phases if p.kind == "feature"), key=lambda p: p.clients)
+    p99_4 = [np.percentile(p.latencies, 99) * 1e3 for p in phases if p.kind == "feature" and p.clients == 4]
+    errors = sum(p.errors for p in phases) + (unbatched.errors if unbatched else 0)
+    print(f"feature queries at {top.clients} clients: {top.rate:.1f}/s = {100 * top.rate / bound:.0f} % of the bound "
+          f"{bound:.1f}/s (goal >= 70 %); {top.rate / faiss_qps:.2f}x FAISS IndexFlatIP on 32 at once"
+          + (f"; {top.rate / unbatched.rate:.2f}x the same server searching one by one" if unbatched else ""))
+    if p99_4:
+        print(f"p99 at 4 clients (feature queries): {p99_4[0]:.0f} ms (goal < 50 ms)")
+    print(f"errors: {errors} (goal 0)" + "".join(f"; first: {p.first_error}" for p in phases if p.first_error)[:400])
+
+
+async def _health(url: str) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return (await client.get("/api/health")).json()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The application: ``create_app`` puts the API, the pages, the static files and the error handling
+around a ``SearchService``; ``listen`` and ``serve`` run it with uvicorn on a socket bound beforehand.
+
+Every refused request, whatever refused it (a check of ours, pydantic's validation, an unknown route, the
+body limit), answers one line: ``{"detail": ...}`` with a 4xx status for the API, an HTML page with that
+line for a person; the server keeps serving.
+
+Example:
+    >>> app = create_app(SearchService.open("gallery.faiss"))
+    >>> serve(app, listen("127.0.0.1", 8000))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from cgpn import __version__
+from cgpn.config import ServeSettings
+from cgpn.errors import CgpnError, ConfigError, RequestError
+from cgpn.serve import api, pages
+from cgpn.serve.render import error_response
+from cgpn.serve.service import SearchService
+from cgpn.serve.uploads import BodyLimit
+
+__all__ = ["check_settings", "create_app", "listen", "serve"]
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """Search a re-identification gallery (an index built by `cgpn index build`) by image or by
+feature. Images are served by index id only. Every refused request answers `{"detail": "..."}` with a 4xx
+status. The search page for a person is at `/`."""
+
+
+def check_settings(settings: ServeSettings) -> None:
+    """A ConfigError, before anything is loaded, for a setting out of its range."""
+    if not 0 <= settings.port <= 65535:
+        raise ConfigError(f"--port must be between 0 (any free port) and 65535, got {settings.port}")
+    if not settings.max_upload_mb > 0:
+        raise ConfigError(f"--max-upload-mb must be above 0, got {settings.max_upload_mb}")
+    for name in ("max_pixels", "max_topk", "per_page", "max_batch", "uploads_kept"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
+
+
+def create_app(service: SearchService) -> FastAPI:
+    """The FastAPI application over ``service`` (closed when the application shuts down)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.close()
+
+    # FastAPIOffline: the OpenAPI page (/docs) with Swagger UI's files from a package, not a CDN
+    app = FastAPIOffline(title="cgpn gallery search", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = service
+    app.add_middleware(BodyLimit, max_bytes=int(service.settings.max_upload_mb * 2**20), respond=error_response)
+    app.mount("/static", StaticFiles(packages=[("cgpn.serve", "static")]), name="static")
+    app.include_router(api.router)
+    app.include_router(pages.router)
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, err: RequestError) -> Response:
+        return error_response(request.scope, err.status, str(err))
+
+    @app.exception_handler(CgpnError)
+    async def user_error(request: Request, err: CgpnError) -> Response:
+        return error_response(request.scope, 422, str(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> Response:
+        return error_response(request.scope, 422, api.validation_message(list(err.errors())))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> Response:
+        if err.status_code == 404:
+            message = (f"nothing at {request.url.path[:100]}: the search page is at /, the API under /api (documented "
+                       f"at /docs); images are fetched by id, e.g. /api/gallery/0/image")
+        elif err.status_code == 405:
+            message = f"{request.method} is not accepted at {request.url.path[:100]}"
+        else:
+            message = str(err.detail)
+        return error_response(request.scope, err.status_code, message)
+
+    @app.middleware("http")
+    async def no_sniffing(request: Request, call_next) -> Response:
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"  # a browser renders what we say a file is, no guess
+        return response
+
+    return app
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port`` (0: any free port), or a ConfigError saying why not.
+
+    Bound before the network is loaded, so that a port in use is reported at once; connections made
+    while the server starts wait in the socket's queue.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as err:
+        raise ConfigError(f"cannot listen on host '{host}': {err} (e.g. --host 127.0.0.1)") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err} (pick another --port, or 0 for "
+                          f"any free one)") from None
+    if not ipaddress.ip_address(address[0]).is_loopback:
+        logger.warning("listening on %s: other machines can reach this server, which has no authentication", host)
+    return sock
+
+
+def serve(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
+    """Serve ``app`` on ``sock`` with uvicorn until Ctrl-C (or SIGTERM)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then raises it again: a normal stop
+        logger.info("stopped")
