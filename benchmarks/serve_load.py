@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import io
 import os
-import platform
 import re
 import resource
 import signal
@@ -47,11 +46,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from infer_speed import matmul_gflops  # noqa: E402  (beside this script)
 
 from cgpn.config import IndexSettings  # noqa: E402
+from cgpn.engine.precision import machine_description  # noqa: E402
 from cgpn.retrieval import GalleryIndex  # noqa: E402
 from cgpn.retrieval.index import import_faiss  # noqa: E402
 from serve_helpers import make_checkpoint  # noqa: E402  (from tests/, on the path just above)
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,15 +68,6 @@ def parse_args() -> argparse.Namespace:
 
 
 # --- the machine and its bounds --------------------------------------------------------------------------
-
-
-def machine() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.*)", info)
-    flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split()) if "flags" in info else set()
-    return (f"{model.group(1) if model else platform.processor()}, {os.cpu_count()} cores, flags "
-            f"{' '.join(f for f in CPU_FLAGS if f in flags) or 'none of ' + '/'.join(CPU_FLAGS)}; "
-            f"torch {torch.__version__}, faiss {import_faiss().__version__}")
 
 
 def read_gbps(x: torch.Tensor, repeats: int = 3) -> float:
@@ -256,7 +245,7 @@ def main() -> None:
     args = parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     n, d = args.gallery, args.dim
-    print(f"machine: {machine()}")
+    print(f"machine: {machine_description()}; faiss {import_faiss().__version__}")
     print(f"load average at start: {os.getloadavg()[0]:.2f} (other jobs share this machine)")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         checkpoint = args.checkpoint or str(make_checkpoint(Path(tmp) / "cgpn_r18.pt", num_classes=751, height=128,
