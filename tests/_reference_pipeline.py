@@ -18,21 +18,24 @@ from fastreid_ref import load_rank
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 
 
-def manual_input(path: str | Path, height: int, width: int) -> torch.Tensor:
-    """(3, height, width): PIL bilinear resize, scale to [0, 1], ImageNet mean / std."""
-    img = Image.open(path).convert("RGB").resize((width, height), Image.BILINEAR)
+def manual_input(image: str | Path | Image.Image, height: int, width: int) -> torch.Tensor:
+    """(3, height, width) from an image file or a PIL image: PIL bilinear resize, scale to [0, 1], ImageNet
+    mean / std."""
+    img = image if isinstance(image, Image.Image) else Image.open(image)
+    img = img.convert("RGB").resize((width, height), Image.BILINEAR)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
     return (x - MEAN[:, None, None]) / STD[:, None, None]
 
 
 @torch.no_grad()
-def manual_features(model: torch.nn.Module, paths: Sequence[str | Path], height: int, width: int,
+def manual_features(model: torch.nn.Module, images: Sequence[str | Path | Image.Image], height: int, width: int,
                     batch: int = 64) -> torch.Tensor:
-    """(N, D) test features: mean of the network's output for the image and its mirror, L2-normalised."""
+    """(N, D) test features of image files or PIL images: mean of the network's output for the image and its
+    mirror, L2-normalised."""
     model.eval()
     out = []
-    for start in range(0, len(paths), batch):
-        x = torch.stack([manual_input(p, height, width) for p in paths[start:start + batch]])
+    for start in range(0, len(images), batch):
+        x = torch.stack([manual_input(p, height, width) for p in images[start:start + batch]])
         f = (model(x) + model(x.flip(3))) / 2
         out.append(f / f.norm(dim=1, keepdim=True))
     return torch.cat(out)

@@ -61,6 +61,7 @@ def test_every_input_type_gives_the_same_features(eager: FeatureExtractor, image
         "(N, H, W, 3) array": np.stack(arrays),
         "CHW uint8 tensors": uint8,
         "CHW float tensors in [0, 1]": [t.float() / 255 for t in uint8],
+        "float tensors off the 8-bit grid (rounded)": [(t.float() - 0.45).clamp(min=0) / 255 for t in uint8],
         "(N, 3, H, W) tensor": torch.stack(uint8),
     }
     reference = extractor(inputs["str paths"])
