@@ -41,11 +41,16 @@ def manual_features(model: torch.nn.Module, images: Sequence[str | Path | Image.
     return torch.cat(out)
 
 
-def fastreid_ranking(qf: torch.Tensor, gf: torch.Tensor, q_pids: np.ndarray, g_pids: np.ndarray,
-                     q_cams: np.ndarray, g_cams: np.ndarray,
+def labels(samples: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """(pids, camids) of a list of samples (anything with ``pid`` and ``camid``)."""
+    return np.array([s.pid for s in samples]), np.array([s.camid for s in samples])
+
+
+def fastreid_ranking(qf: torch.Tensor, gf: torch.Tensor, query: Sequence, gallery: Sequence,
                      max_rank: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(CMC (max_rank,), AP and INP per query (NaN where no valid match)) by fast-reid's ``eval_market1501``,
-    on the Euclidean distances between the (unit-length) features."""
+    on the Euclidean distances between the (unit-length) features of the ``query`` and ``gallery`` samples."""
+    (q_pids, q_cams), (g_pids, g_cams) = labels(query), labels(gallery)
     distmat = torch.cdist(qf.double(), gf.double()).numpy()
     cmc, ap, inp = load_rank().eval_market1501(distmat, q_pids, g_pids, q_cams, g_cams, max_rank)
     valid = np.flatnonzero([((g_pids == p) & (g_cams != c)).any() for p, c in zip(q_pids, q_cams)])

@@ -190,10 +190,12 @@ def test_user_errors(eager: FeatureExtractor, tmp_path: Path) -> None:
         list_images(empty)
 
 
-def _chance(q_pids: np.ndarray, g_pids: np.ndarray, q_cams: np.ndarray, g_cams: np.ndarray) -> tuple[float, float]:
+def _chance(query, gallery) -> tuple[float, float]:
     """Rank-1 and mAP of random rankings (mean over 20 random distance matrices, fast-reid's evaluator)."""
+    from _reference_pipeline import labels
     from fastreid_ref import load_rank
 
+    (q_pids, q_cams), (g_pids, g_cams) = labels(query), labels(gallery)
     rng = np.random.default_rng(0)
     runs = [load_rank().eval_market1501(rng.random((len(q_pids), len(g_pids))), q_pids, g_pids, q_cams, g_cams, 1)
             for _ in range(20)]
@@ -213,7 +215,6 @@ def test_fast_backends_rank_the_cuhk03_mini_set_like_eager_fp32(mini_run) -> Non
     from cgpn.engine.precision import cpu_has_native_bf16
 
     data = build_dataset("market1501", mini_run.root, DataConfig(verify_counts="ignore"))
-    ids = [np.array([getattr(s, k) for s in subset]) for subset in (data.query, data.gallery) for k in ("pid", "camid")]
     assert FeatureExtractor(mini_run.checkpoint, device="cpu").backend == ("bf16" if cpu_has_native_bf16() else "onnx")
     feats, dist, top10, rank1 = {}, {}, {}, {}
     for backend in ("eager", "onnx", "bf16"):
@@ -222,10 +223,10 @@ def test_fast_backends_rank_the_cuhk03_mini_set_like_eager_fp32(mini_run) -> Non
         feats[backend] = torch.cat([qf, gf])
         dist[backend] = torch.cdist(qf.double(), gf.double()).numpy()
         top10[backend] = np.argsort(dist[backend], axis=1, kind="stable")[:, :10]
-        cmc, ap, _ = fastreid_ranking(qf, gf, ids[0], ids[2], ids[1], ids[3])
+        cmc, ap, _ = fastreid_ranking(qf, gf, data.query, data.gallery)
         rank1[backend] = cmc[0]
         if backend == "eager":
-            chance_rank1, chance_map = _chance(ids[0], ids[2], ids[1], ids[3])
+            chance_rank1, chance_map = _chance(data.query, data.gallery)
             summary = f"Rank-1 {cmc[0]:.3f} (chance {chance_rank1:.3f}), mAP {np.nanmean(ap):.3f} (chance {chance_map:.3f})"
             assert cmc[0] >= 3 * chance_rank1 and np.nanmean(ap) >= 2 * chance_map, summary
 

@@ -110,8 +110,7 @@ def test_eval_occlude_prints_a_table_and_writes_a_plot(tiny_synth: Path, tmp_pat
     occluded = [occlude(Image.open(s.path).convert("RGB"), 0.4, occlusion_rng(0.4, i, seed=0)) for i, s in enumerate(data.query)]
     qf, gf = manual_features(model, occluded, HEIGHT, WIDTH), manual_features(model, [s.path for s in data.gallery],
                                                                               HEIGHT, WIDTH)
-    ids = [np.array([getattr(s, k) for s in subset]) for subset in (data.query, data.gallery) for k in ("pid", "camid")]
-    cmc, ap, _ = fastreid_ranking(qf, gf, ids[0], ids[2], ids[1], ids[3])
+    cmc, ap, _ = fastreid_ranking(qf, gf, data.query, data.gallery)
     assert abs(float(rows[2][1]) - 100 * cmc[0]) <= 0.05 + 1e-6 and abs(float(rows[2][2]) - 100 * np.nanmean(ap)) <= 0.05 + 1e-6
     assert f"plot: {plot}" in run.stdout
     with Image.open(plot) as img:

@@ -59,8 +59,7 @@ def show_case(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory):
     data = build_dataset("synthetic", tiny_synth)
     model, _ = load_model(ckpt)
     qf, gf = (manual_features(model, [s.path for s in subset], HEIGHT, WIDTH) for subset in (data.query, data.gallery))
-    ids = [np.array([getattr(s, k) for s in subset]) for subset in (data.query, data.gallery) for k in ("pid", "camid")]
-    _, ap, _ = fastreid_ranking(qf, gf, ids[0], ids[2], ids[1], ids[3])
+    _, ap, _ = fastreid_ranking(qf, gf, data.query, data.gallery)
     assert np.isfinite(ap).all() and len(set(np.round(ap, 6))) == len(ap)  # every query valid, no tied APs
     return ckpt, data, ap
 
