@@ -1,9 +1,12 @@
-"""Shared fixtures: paths to ../shared data, a tiny synthetic data set, CPU thread settings."""
+"""Shared fixtures: paths to ../shared data, a tiny synthetic data set, a network trained briefly on real
+CUHK03 images, CPU thread settings."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -57,3 +60,54 @@ def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_synth")
     generate_synthetic(out, PRESETS["tiny"], progress=False)
     return out
+
+
+# A few CPU minutes of training of the demo-sized CGPN (ResNet-18, no ImageNet weights) on the real mini set.
+MINI_RECIPE = [
+    "data.dataset=market1501", "data.verify_counts=ignore",  # a partial copy, read by the Market-1501 reader
+    "data.height=64", "data.width=32", "data.workers=0",
+    "solver.lr=0.05", "solver.epochs=8", "solver.milestones=[7]",
+    "engine.precision=fp32",  # the same network on CPUs with and without bf16 units
+    "engine.eval_at_start=true", "engine.eval_period=0", "engine.tensorboard=false", "engine.progress=false",
+]
+
+
+@dataclass
+class MiniRun:
+    """A trained checkpoint on ``cuhk03-np-mini/labeled`` and its evaluations before / after training."""
+
+    root: Path  # the data set
+    checkpoint: Path  # last.pt
+    before: dict  # Rank-1, Rank-10, mAP (fractions) and the summary line of the untrained network
+    after: dict  # the same after training
+    losses: list[float]  # mean total loss per epoch
+
+
+@pytest.fixture(scope="session")
+def mini_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> MiniRun:
+    """``MINI_RECIPE`` trained once per test session: under pytest-xdist the first worker that needs it
+    trains, the others wait on a file lock and read the record it leaves."""
+    from filelock import FileLock
+
+    root = shared_data / "cuhk03-np-mini" / "labeled"
+    if not root.is_dir():
+        pytest.skip(f"{root} not found")
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, common to all its workers
+    out = shared / "mini_run"
+    record = out / "record.json"
+    with FileLock(str(shared / "mini_run.lock")):
+        if not record.is_file():
+            from cgpn.config import load_config
+            from cgpn.engine.trainer import train
+
+            cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.root={root}", f"output_dir={out}", *MINI_RECIPE])
+            result = train(cfg)
+            first, last = result.evaluations[0], result.evaluations[max(result.evaluations)]
+            numbers = [{"rank1": r.rank(1), "rank10": r.rank(10), "mAP": r.mAP, "summary": r.summary()}
+                       for r in (first, last)]
+            record.write_text(json.dumps({"before": numbers[0], "after": numbers[1],
+                                          "losses": [e["total"] for e in result.epoch_losses]}))
+    saved = json.loads(record.read_text())
+    return MiniRun(root, out / "last.pt", saved["before"], saved["after"], saved["losses"])

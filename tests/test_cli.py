@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 
 import pytest
 
-from cgpn.cli import main
+from _engine_tiny import cli_env
+from cgpn.cli import build_parser, main
 
 VERBS = ("synth", "train", "eval", "show")
+HEAVY = ("torch", "torchvision", "faiss", "onnxruntime", "scipy", "matplotlib")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -22,6 +25,49 @@ def test_help_lists_the_verbs():
     result = _run("--help")
     assert result.returncode == 0
     assert all(verb in result.stdout for verb in VERBS)
+
+
+def _verbs(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every (sub)command of the parser, e.g. ("index", "build"), with its own parser: verbs added later too."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.append(((*path, name), sub))
+                found += _verbs(sub, (*path, name))
+    return found
+
+
+def test_every_verb_prints_its_help(capsys):
+    """README: every verb prints --help (exit 0, its usage line, each of its options); the verbs come from the
+    parser itself, so a new one is covered without touching this test."""
+    verbs = _verbs(build_parser())
+    assert {path[0] for path, _ in verbs} >= {*VERBS, "check-data", "extract", "index", "search", "export"}
+    assert ("index", "build") in {path for path, _ in verbs}
+    for path, sub in verbs:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*path, "--help"])
+        out = capsys.readouterr().out
+        assert exit_info.value.code == 0, path
+        assert out.startswith(f"usage: cgpn {' '.join(path)}"), out[:200]
+        options = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
+        assert options and all(o in out for o in options), (path, [o for o in options if o not in out])
+
+
+def test_import_cgpn_loads_nothing_heavy():
+    """README: `import cgpn` loads nothing heavy until a name is used (cgpn --help neither); using a name
+    loads what it needs."""
+    code = ("import contextlib, io, sys, cgpn, cgpn.cli\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "    cgpn.cli.main(['--help'])\n"
+            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+            "cgpn.build_model\n"
+            "print('torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded, used = result.stdout.splitlines()
+    assert loaded == "", f"import cgpn loaded {loaded}"
+    assert used == "True"  # the lazy name does load its module
 
 
 def test_error_is_one_line_with_exit_2_and_debug_shows_the_traceback(tmp_path):

@@ -3,6 +3,7 @@ corrupt images found by ``cgpn check-data``, skipped in training, an error in ev
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -10,8 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
+from PIL import Image
 
 from _reid_trees import cuhk03_official_tree, jpeg_bytes, market_tree, msmt_tree, write_images
 from cgpn.cli import main
@@ -119,13 +121,24 @@ def test_bad_input_as_separate_processes(bad_cases) -> None:
 
 @pytest.fixture
 def corrupt_market(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """Market tree with one truncated training JPEG and one empty query file."""
+    """Market tree with one truncated training JPEG and one empty query file; each training image is one flat
+    colour of its own (``_colour``), so a replacement can be told apart from any other image. The truncated
+    file is the last of its identity (pid 7) in sample order: the image after it belongs to pid 10."""
     base = market_tree(tmp_path)
-    truncated = base / "bounding_box_train" / "0007_c2s3_070952_01.jpg"
+    for i, path in enumerate(sorted((base / "bounding_box_train").glob("*.jpg"))):
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 8), (30 * i, 250 - 25 * i, 60 + 20 * i)).save(buf, format="JPEG", quality=100)
+        path.write_bytes(buf.getvalue())
+    truncated = base / "bounding_box_train" / "0007_c3s3_077419_03.jpg"
     truncated.write_bytes(jpeg_bytes(1, (64, 128))[:300])
     empty = base / "query" / "0003_c1s6_015971_00.jpg"
     empty.write_bytes(b"")
     return tmp_path, truncated, empty
+
+
+def _colour(path: str) -> np.ndarray:
+    """The mean RGB of a (flat) image file, as decoded."""
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64).reshape(-1, 3).mean(0)
 
 
 def test_check_data_reports_every_bad_file(corrupt_market, capsys: pytest.CaptureFixture[str]) -> None:
@@ -149,12 +162,22 @@ def test_training_skips_and_counts_bad_images(corrupt_market) -> None:
     cfg = DataConfig(height=16, width=8, batch_size=4, num_instances=2, workers=0)
     loader = build_train_loader(ds.train, cfg, seed=0)
     bad_index = next(i for i, s in enumerate(ds.train) if s.path == str(truncated))
+    readable = [s for s in ds.train if s.path != str(truncated)]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # ImageNet, as published
+    colours = np.stack([(_colour(s.path) / 255 - mean) / std for s in readable])  # each file, normalised
     seen = 0
     for epoch in range(4):
         loader.batch_sampler.set_epoch(epoch)
-        for images, _, _, idx in loader:
+        for images, pids, _, idx in loader:
             assert images.shape == (4, 3, 16, 8)
-            seen += int((idx == bad_index).sum())
+            for image, pid, i in zip(images, pids.tolist(), idx.tolist()):
+                source = readable[int(np.argmin(np.abs(colours - image.mean((1, 2)).numpy()).sum(1)))]
+                assert source.pid == pid  # every slot shows an image of its own identity ...
+                if i == bad_index:  # ... and the bad file's slot the other image of pid 7
+                    seen += 1
+                    assert source.path == str(truncated.with_name("0007_c2s3_070952_01.jpg"))
+                else:
+                    assert source.path == ds.train[i].path
     assert seen > 0  # the bad file was drawn ...
     assert loader.dataset.skipped >= 1  # ... replaced and counted
     # with workers, the count comes back from the worker processes
@@ -173,12 +196,15 @@ def test_training_skips_and_counts_bad_images(corrupt_market) -> None:
 
 
 def test_replacement_is_another_image_of_the_same_identity(corrupt_market) -> None:
+    """pid 7's other image (0007_c2s3_...), pixel for pixel; not the next file in sample order (pid 10)."""
     root, truncated, _ = corrupt_market
     ds = Market1501(root, verify_counts="ignore")
     bad = next(i for i, s in enumerate(ds.train) if s.path == str(truncated))
-    data = ImageDataset(ds.train, lambda im: torch.tensor(im.size), on_bad_image="skip")
-    size, pid, _, _ = data[bad]
-    assert pid == ds.train[bad].pid and tuple(size.tolist()) == (4, 8)  # the other image of that id (4 x 8)
+    data = ImageDataset(ds.train, lambda im: np.asarray(im), on_bad_image="skip")
+    pixels, pid, _, _ = data[bad]
+    other = truncated.with_name("0007_c2s3_070952_01.jpg")
+    assert pid == ds.train[bad].pid
+    np.testing.assert_array_equal(pixels, np.asarray(Image.open(other).convert("RGB")))
     assert data.skipped == 1
 
 

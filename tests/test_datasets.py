@@ -172,11 +172,17 @@ def test_folder_names_cameras_in_subfolders_and_single_camera_ids(tmp_path: Path
         write_images(tmp_path / name / "cam1", ["a.jpg", "b.jpg"])
         write_images(tmp_path / name / "cam7", ["c.jpg"])
     write_images(tmp_path / "eve" / "cam1", ["a.jpg", "b.jpg"])  # one camera: never a query
-    ds = FolderDataset(tmp_path, camera_regex=r"cam(\d+)", test_ids=0.6)
     names = sorted(["alice", "bob", "carol", "dave", "eve"])
+    # by hand (see the test above): seed 4 makes bob and eve the test identities
+    test_names = {n for n in names if zlib.crc32(f"4/{n}".encode()) < 0.6 * 2**32}
+    assert test_names == {"bob", "eve"}
+    ds = FolderDataset(tmp_path, camera_regex=r"cam(\d+)", test_ids=0.6, split_seed=4)
     assert {s.camid for s in (*ds.query, *ds.gallery, *ds.train)} == {0, 1}  # cameras 1, 7 -> 0, 1
-    eve = names.index("eve")
-    assert eve not in {s.pid for s in ds.query}
+    eve, bob = names.index("eve"), names.index("bob")
+    assert {s.pid for s in ds.gallery} == {eve, bob}  # eve is a test identity ...
+    assert sum(s.pid == eve for s in ds.gallery) == 2 and eve not in {s.pid for s in ds.query}  # ... not a query
+    # bob (2 images in cam1, 1 in cam7): one query; a second would leave one without a cross-camera match
+    assert sum(s.pid == bob for s in ds.query) == 1
     for pid in {s.pid for s in ds.query}:  # every query keeps a gallery image from another camera
         for q in (s for s in ds.query if s.pid == pid):
             assert any(g.pid == pid and g.camid != q.camid for g in ds.gallery)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from cgpn.config import ONNX_OPSET
 from cgpn.engine.checkpoint import load_model
-from cgpn.export import check_onnx, export_onnx
+from cgpn.export import TOLERANCE, check_onnx, export_onnx
 from serve_helpers import HEIGHT, WIDTH, cli, error_line, make_checkpoint
 
 
@@ -62,6 +62,31 @@ def test_export_command_checks_and_describes_the_file(checkpoint: Path, tmp_path
     assert batch_dim.dim_param == "batch"  # dynamic batch axis
     meta = {p.key: p.value for p in proto.metadata_props}
     assert (meta["cgpn.height"], meta["cgpn.width"], meta["cgpn.flip"]) == (str(HEIGHT), str(WIDTH), "true")
+
+
+def test_the_check_fails_for_another_network_and_the_command_exits_1(checkpoint: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph of another network (other weights), or one without the flip averaging asked for, is FAILED;
+    ``cgpn export`` whose exporter wrote another network's graph says so and exits 1."""
+    import cgpn.export
+
+    model, _ = load_model(checkpoint)
+    other, _ = load_model(make_checkpoint(tmp_path / "other.pt", seed=1))
+    for graph, flip in ((export_onnx(other, tmp_path / "other.onnx", HEIGHT, WIDTH), True),
+                        (export_onnx(model, tmp_path / "no_flip.onnx", HEIGHT, WIDTH, flip=False), False)):
+        check = check_onnx(graph, model, HEIGHT, WIDTH)
+        assert not check.passed and check.max_abs_diff > 10 * TOLERANCE, (graph, check)
+        assert check.summary().endswith("FAILED")
+        if not flip:  # the same graph passes when checked against what it computes
+            assert check_onnx(graph, model, HEIGHT, WIDTH, flip=False).passed
+
+    real_export = cgpn.export.export_onnx
+    monkeypatch.setattr(cgpn.export, "export_onnx", lambda _, out, *a, **k: real_export(other, out, *a, **k))
+    run = cli(capsys, "export", "--checkpoint", str(checkpoint), "--onnx", str(tmp_path / "m.onnx"))
+    assert run.returncode == 1, run.stdout + run.stderr
+    check_line = next(line for line in run.stdout.splitlines() if line.startswith("check:"))
+    assert check_line.endswith("FAILED") and "limit 1e-04" in check_line
 
 
 def test_export_without_onnxruntime_is_one_line(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,

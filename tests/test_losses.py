@@ -78,11 +78,62 @@ def test_detached_targets_do_not_pull_the_trunk_through_the_halves():
     assert not torch.allclose(grads[True], grads[False])
 
 
-def test_total_is_the_sum_of_the_logged_terms():
+def _by_hand_terms(model, x: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0):
+    """One training forward, and eq. 1-3 recomputed from what the network gives out, per loss setting.
+
+    Cross-entropy by hand over all 12 logits (log-sum-exp minus the target logit; with label smoothing e,
+    (1 - e) of that plus e of the mean over classes); the batch-hard triplet of fast-reid over the 3 reduced
+    global features (SPEC 4); the MSE of eq. 3 from each branch's map T, caught with a forward hook:
+    f_g_p = GMP(conv_p(T)), f_gl_p = GMP of half p of T, squared error averaged over elements (``mean``) or
+    summed over channels and averaged over the batch (``sum``) (SPEC 5).
+    """
+    from _fastreid_triplet import fastreid_triplet_loss
+
+    maps = {}
+    hooks = [b.register_forward_hook(lambda m, i, t, k=k: maps.__setitem__(k, t)) for k, b in enumerate(model.branches)]
+    try:
+        out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    logits = [out.logits[n] for n in model.feature_names]
+    assert len(logits) == 12  # 3 global + 9 local features (Section 3.1)
+    rows = torch.arange(len(y))
+    ce = sum(((torch.logsumexp(z, 1) - z[rows, y]) * (1 - smoothing)
+              + smoothing * (torch.logsumexp(z, 1)[:, None] - z).mean(1)).mean() for z in logits)
+    tri = sum(fastreid_triplet_loss(out.features[f"g{i}"], y, margin=1.2, norm_feat=False, hard_mining=True)
+              for i in (1, 2, 3))
+    errors = []
+    for k, branch in enumerate(model.branches):
+        t = maps[k]  # (B, c, h, w)
+        h = t.shape[2]
+        for p, conv in enumerate(branch.global_convs):
+            f_g = conv(t).amax(dim=(2, 3))
+            f_gl = t[:, :, p * h // 2:(p + 1) * h // 2].amax(dim=(2, 3))  # upper half for p = 0, lower for 1
+            errors.append((f_g - f_gl) ** 2)
+    assert len(errors) == 6  # 3 branches x 2 halves (eq. 3: B = 3, M = 2)
+    terms = {"ce": ce.item(), "triplet": tri.item(), "mse": sum(e.mean() for e in errors).item(),
+             "mse_sum": sum(e.sum(1).mean() for e in errors).item()}
+    return out, terms
+
+
+def test_total_is_ce_triplet_and_mse_recomputed_from_the_outputs():
+    """Eq. 4, each term recomputed from the network's outputs independently of cgpn.losses: the paper's
+    setting (unit weights, plain CE, MSE mean), and label smoothing with other weights and MSE sum."""
     torch.manual_seed(0)
     model = build_model("cgpn", 4, backbone="resnet18", pretrained=False)
     y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    total, terms = CGPNLoss(LossConfig())(model(torch.randn(8, 3, 64, 32)), y)
-    assert set(terms) == {"ce", "triplet", "mse"}
-    assert total.item() == pytest.approx(terms["ce"] + terms["triplet"] + terms["mse"], rel=1e-5)
-    assert terms["ce"] > 0 and terms["mse"] > 0
+    x = torch.randn(8, 3, 64, 32)
+    x[:, :, 32:] += 2  # upper and lower halves differ, so a swap of the MSE targets shows
+    for cfg in (LossConfig(), LossConfig(label_smoothing=0.5, ce_weight=0.5, triplet_weight=2.0, mse_weight=0.25,
+                                         mse_reduction="sum")):
+        out, expected = _by_hand_terms(model, x, y, cfg.label_smoothing)  # T: 4 rows, halves of 2
+        total, terms = CGPNLoss(cfg)(out, y)
+        mse = expected["mse_sum" if cfg.mse_reduction == "sum" else "mse"]
+        assert set(terms) == {"ce", "triplet", "mse"}
+        assert terms["ce"] == pytest.approx(expected["ce"], rel=1e-5)
+        assert terms["triplet"] == pytest.approx(expected["triplet"], rel=1e-5)
+        assert terms["mse"] == pytest.approx(mse, rel=1e-5)
+        assert min(expected.values()) > 0  # every term is live in this case: a dropped one would show
+        weighted = cfg.ce_weight * expected["ce"] + cfg.triplet_weight * expected["triplet"] + cfg.mse_weight * mse
+        assert total.item() == pytest.approx(weighted, rel=1e-5)

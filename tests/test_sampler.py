@@ -46,6 +46,17 @@ def test_pk_structure_identities_epoch() -> None:
     assert sum(c == 2 for c in counts.values()) == 94 * 8 - 751 and max(counts.values()) <= 2  # ... the last group filled
 
 
+def test_last_group_is_filled_with_other_identities() -> None:
+    """20 identities in groups of P = 8: the third group takes 4 identities a second time, never one that is
+    already in it (a batch is always P distinct identities)."""
+    pids = _pids([3] * 20)
+    for seed in range(50):
+        batches = list(PKSampler(pids, batch_size=16, num_instances=2, seed=seed))
+        ids = [[pids[g[0]] for g in _groups(b, pids, 2)] for b in batches]
+        assert len(ids) == 3 and all(len(set(group)) == 8 for group in ids), (seed, ids)
+        assert set().union(*map(set, ids)) == set(range(20))
+
+
 def test_images_epoch_length() -> None:
     sampler = PKSampler(MARKET_LIKE, batch_size=64, num_instances=8, epoch_mode="images")
     assert len(sampler) == len(MARKET_LIKE) // 64
@@ -55,9 +66,12 @@ def test_images_epoch_length() -> None:
 
 
 def test_few_images_sampled_with_replacement() -> None:
+    """pid 0 (1 image) and pid 1 (3 images) fill their K = 4 slots with repeats, drawn from all their images;
+    pid 2 (8) and pid 3 (20) never repeat one."""
     pids = _pids([1, 3, 8, 20])
     sampler = PKSampler(pids, batch_size=8, num_instances=4)
     seen = Counter()
+    drawn = {pid: set() for pid in range(4)}
     for epoch in range(5):
         sampler.set_epoch(epoch)
         for batch in sampler:
@@ -65,11 +79,12 @@ def test_few_images_sampled_with_replacement() -> None:
                 pid = pids[g[0]]
                 assert len(g) == 4 and all(pids[i] == pid for i in g)
                 seen[pid] += 1
-                if pid == 0:
-                    assert len(set(g)) == 1  # the single image, four times
-                if pid == 1:
-                    assert len(set(g)) <= 3
+                drawn[pid].update(g)
+                if pid >= 2:
+                    assert len(set(g)) == 4  # enough images: no repeat
     assert set(seen) == {0, 1, 2, 3}
+    for pid in (0, 1):  # over the epochs, every image of a short identity is drawn
+        assert drawn[pid] == {i for i, p in enumerate(pids) if p == pid}
 
 
 def test_deterministic_from_seed_and_epoch() -> None:

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from cgpn.data.datasets import build_dataset
 from cgpn.viz import BLUE, GREEN, RED, draw_ranked_lists
-from serve_helpers import cli, error_line, make_checkpoint
+from serve_helpers import HEIGHT, WIDTH, cli, error_line, make_checkpoint
 
 
 def count_frames(png: Path, colour: tuple[int, int, int], size: tuple[int, int] = (64, 128)) -> int:
@@ -48,17 +48,52 @@ def test_ranked_list_has_one_tile_per_result(tiny_synth: Path, tmp_path: Path, t
         assert len(expected) == 3 * 5
 
 
-def test_show_command_draws_the_requested_queries(tiny_synth: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
-    ckpt = make_checkpoint(tmp_path / "tiny.pt")
+@pytest.fixture(scope="module")
+def show_case(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory):
+    """An untrained checkpoint, the tiny set, and each query's AP by the independent pipeline (features by
+    hand, fast-reid's evaluator)."""
+    from _reference_pipeline import fastreid_ranking, manual_features
+    from cgpn.engine.checkpoint import load_model
+
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("show") / "tiny.pt")
+    data = build_dataset("synthetic", tiny_synth)
+    model, _ = load_model(ckpt)
+    qf, gf = (manual_features(model, [s.path for s in subset], HEIGHT, WIDTH) for subset in (data.query, data.gallery))
+    _, ap, _ = fastreid_ranking(qf, gf, data.query, data.gallery)
+    assert np.isfinite(ap).all() and len(set(np.round(ap, 6))) == len(ap)  # every query valid, no tied APs
+    return ckpt, data, ap
+
+
+@pytest.mark.parametrize("queries", ["worst", "best", "pids"])
+def test_show_command_draws_the_requested_queries(show_case, tiny_synth: Path, tmp_path: Path, queries: str,
+                                                  capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--queries worst / best: the rows are the queries of lowest / highest AP (by the independent pipeline),
+    in that order; --queries PID,PID: the query images of those identities."""
+    import cgpn.viz
+
+    ckpt, data, ap = show_case
+    drawn = []
+    real_draw = cgpn.viz.draw_ranked_lists
+    monkeypatch.setattr(cgpn.viz, "draw_ranked_lists", lambda *a, **k: drawn.append(list(a[3])) or real_draw(*a, **k))
+    pids = sorted({s.pid for s in data.query})[1:3]
+    spec = ",".join(map(str, pids)) if queries == "pids" else queries
     out = tmp_path / "ranks.png"
     run = cli(capsys, "show", "--checkpoint", str(ckpt), "--set", "data.dataset=synthetic", "--set",
-              f"data.root={tiny_synth}", "--out", str(out), "--queries", "worst", "--num-queries", "3", "--topk", "4")
+              f"data.root={tiny_synth}", "--out", str(out), "--queries", spec, "--num-queries", "3", "--topk", "4")
     assert run.returncode == 0, run.stderr
     assert str(out) in run.stdout
+    [rows] = drawn
+    if queries == "pids":
+        expected = [i for i, s in enumerate(data.query) if s.pid in pids][:3]
+    else:
+        order = np.argsort(ap if queries == "worst" else -ap, kind="stable")
+        expected = order[:3].tolist()
+    assert rows == expected, (rows, expected, np.round(ap, 4).tolist())
     assert count_frames(out, BLUE) == 3
     assert count_frames(out, GREEN) + count_frames(out, RED) == 3 * 4
-    assert count_frames(out, RED) >= 1  # the worst queries of an untrained network miss somewhere
+    if queries == "worst":
+        assert count_frames(out, RED) >= 1  # the worst queries of an untrained network miss somewhere
 
 
 @pytest.mark.parametrize(("args", "needle"), [
