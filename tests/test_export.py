@@ -83,10 +83,14 @@ def test_the_check_fails_for_another_network_and_the_command_exits_1(checkpoint:
 
     real_export = cgpn.export.export_onnx
     monkeypatch.setattr(cgpn.export, "export_onnx", lambda _, out, *a, **k: real_export(other, out, *a, **k))
+    (tmp_path / "m.onnx").write_bytes(b"an earlier export")
     run = cli(capsys, "export", "--checkpoint", str(checkpoint), "--onnx", str(tmp_path / "m.onnx"))
     assert run.returncode == 1, run.stdout + run.stderr
     check_line = next(line for line in run.stdout.splitlines() if line.startswith("check:"))
     assert check_line.endswith("FAILED") and "limit 1e-04" in check_line
+    assert "not written" in run.stderr and run.stderr.count("\n") == 1
+    assert (tmp_path / "m.onnx").read_bytes() == b"an earlier export"  # a failed graph never replaces a file
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.")]  # and leaves no temporary
 
 
 def test_export_without_onnxruntime_is_one_line(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from cgpn.config import Config, apply_overrides, load_config
-from cgpn.errors import CgpnError, ConfigError, DatasetError
-from cgpn.files import check_output_file
+from cgpn.errors import CgpnError, ConfigError, DatasetError, OnnxCheckError
+from cgpn.files import atomic_path, check_output_file
 
 __all__ = ["main"]
 
@@ -389,15 +389,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, cfg = load_model(args.checkpoint)
     h, w = cfg.data.height, cfg.data.width
     flip = not args.no_flip
-    out = export_onnx(model, args.onnx, h, w, flip=flip, opset=args.opset)
-    dim = model.feature_dim
-    write_metadata(out, cfg, flip=flip)
-    print(f"wrote {out}: ONNX opset {args.opset}; input 'images' (batch, 3, {h}, {w}) float32, RGB scaled to [0, 1] "
-          f"then normalised with mean {list(IMAGENET_MEAN)} / std {list(IMAGENET_STD)}; output 'features' "
-          f"(batch, {dim}) L2-normalised{', averaged with the mirrored image' if flip else ''}; batch axis dynamic")
-    check = check_onnx(out, model, h, w, batch_size=args.check_batch, flip=flip)
-    print(f"check: {check.summary()}")
-    return 0 if check.passed else 1
+    with atomic_path(args.onnx) as tmp:  # the file appears only once its check has passed
+        export_onnx(model, tmp, h, w, flip=flip, opset=args.opset)
+        write_metadata(tmp, cfg, flip=flip)
+        check = check_onnx(tmp, model, h, w, batch_size=args.check_batch, flip=flip)
+        print(f"check: {check.summary()}")
+        if not check.passed:
+            raise OnnxCheckError(f"'{args.onnx}' not written: onnxruntime's features differ from PyTorch's by up to "
+                                 f"{check.max_abs_diff:.2e} (limit {check.tolerance:.0e}); run with --debug and "
+                                 f"report it with your torch and onnxruntime versions")
+    print(f"wrote {args.onnx}: ONNX opset {args.opset}; input 'images' (batch, 3, {h}, {w}) float32, RGB scaled to "
+          f"[0, 1] then normalised with mean {list(IMAGENET_MEAN)} / std {list(IMAGENET_STD)}; output 'features' "
+          f"(batch, {model.feature_dim}) L2-normalised{', averaged with the mirrored image' if flip else ''}; "
+          f"batch axis dynamic")
+    return 0
 
 
 # --- parser ------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ __all__ = [
     "FolderInUseError",
     "ImageError",
     "IndexFileError",
+    "OnnxCheckError",
     "PretrainedWeightsError",
     "RequestError",
     "TrainingDivergedError",
@@ -60,6 +61,12 @@ class TrainingDivergedError(CgpnError):
 
 class FolderInUseError(ConfigError):
     """An output folder another process is writing (``cgpn.files.lock_folder``)."""
+
+
+class OnnxCheckError(CgpnError):
+    """An exported graph that onnxruntime does not run as PyTorch does (the file is not written)."""
+
+    exit_code = 1
 
 
 class RequestError(CgpnError):
