@@ -259,8 +259,12 @@ def test_paper_recipes(name: str, model: str) -> None:
 
 
 def test_every_config_loads_and_demo_keeps_its_values() -> None:
+    from cgpn.study import load_grid
+
     for path in CONFIGS.glob("*.yaml"):
         load_config(path)
+    for path in CONFIGS.glob("studies/*.yaml"):  # cgpn study grids: load_grid resolves every run's config
+        assert load_grid(path).rows
     demo = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
     cfg = load_config(CONFIGS / "demo.yaml").to_dict()
     for section, values in demo.items():

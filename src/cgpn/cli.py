@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("study", parents=[common],
                          help="train and evaluate a grid of settings x seeds (Table 2 style: mean and std, clean "
                          "and occluded); resumes a half-done grid")
-    p.add_argument("grid", help="grid file (YAML: base, set, seeds, occlude, rows; e.g. configs/study_table2.yaml)")
+    p.add_argument("grid", help="grid file (YAML: base, set, seeds, occlude, rows; e.g. configs/studies/table2.yaml)")
     p.add_argument("--out", required=True, help="folder of the runs, runs.csv, table.md and occlusion.png")
     p.add_argument("--rows", help="only these settings (comma-separated names of the grid's rows)")
     p.add_argument("--seeds", help="only these seeds (comma-separated)")
