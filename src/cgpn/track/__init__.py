@@ -1,0 +1,1 @@
+"""Tracking: cgpn features in multi-object trackers, synthetic video, tracking metrics."""
