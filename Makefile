@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[serve,log,test]' $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[serve,log,test,track]' $(TORCH_PIN)
 	# Peer implementations the tests compare against (their own dependencies are not needed).
 	$(BIN)/pip install -q --no-deps fastreid==1.4.0 torchreid==0.2.5
 	touch $@

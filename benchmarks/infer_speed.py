@@ -103,7 +103,8 @@ def int8_rate(model: nn.Module, cfg: Config, batch: torch.Tensor, calibration: t
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from cgpn.export import export_onnx, onnx_session
+    from cgpn.export import export_onnx
+    from cgpn.runtime import onnx_session
 
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:

@@ -103,16 +103,16 @@ def test_fast_backends_agree_with_eager_fp32(checkpoint: Path, eager: FeatureExt
 
 def test_auto_on_cpu_is_onnxruntime_with_a_cached_graph(checkpoint: Path, images: list[Path],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("cgpn.extractor.cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU, like CI's
+    monkeypatch.setattr("cgpn.runtime.cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU, like CI's
     first = FeatureExtractor(checkpoint, device="cpu")
     assert first.backend == "onnx"
-    cached = list(Path(first._onnx_graph()).parent.glob("*.onnx"))
+    cached = list(first.runtime.onnx_file.parent.glob("*.onnx"))
     assert len(cached) == 1
 
     def no_export(*args, **kwargs):
         raise AssertionError("the cached graph should have been used")
 
-    monkeypatch.setattr("cgpn.extractor.export_onnx", no_export)
+    monkeypatch.setattr("cgpn.runtime.export_onnx", no_export)
     second = FeatureExtractor(checkpoint, device="cpu")
     torch.testing.assert_close(second(images), first(images))
 
@@ -120,9 +120,9 @@ def test_auto_on_cpu_is_onnxruntime_with_a_cached_graph(checkpoint: Path, images
 def test_auto_on_a_cpu_with_bf16_units_is_bf16(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the CPU has bf16 matrix units, auto takes bf16 autocast (features checked against eager fp32 in
     test_fast_backends_agree_with_eager_fp32)."""
-    monkeypatch.setattr("cgpn.extractor.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("cgpn.runtime.cpu_has_native_bf16", lambda: True)
     assert FeatureExtractor(checkpoint, device="cpu").backend == "bf16"
-    monkeypatch.setattr("cgpn.extractor.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("cgpn.runtime.cpu_has_native_bf16", lambda: False)
     assert FeatureExtractor(checkpoint, device="cpu").backend == "onnx"
 
 
@@ -131,11 +131,11 @@ def test_cache_keeps_each_variant_and_replaces_stale_graphs(checkpoint: Path, tm
     replaces only the graph of the variant that was asked for again."""
     ckpt = tmp_path / "model.pt"
     shutil.copyfile(checkpoint, ckpt)
-    with_flip = Path(FeatureExtractor(ckpt, device="cpu")._onnx_graph())
-    without = Path(FeatureExtractor(ckpt, device="cpu", flip=False)._onnx_graph())
+    with_flip = FeatureExtractor(ckpt, device="cpu", backend="onnx").runtime.onnx_file
+    without = FeatureExtractor(ckpt, device="cpu", backend="onnx", flip=False).runtime.onnx_file
     assert with_flip != without and with_flip.is_file() and without.is_file()
     os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))  # as if written again
-    fresh = Path(FeatureExtractor(ckpt, device="cpu")._onnx_graph())
+    fresh = FeatureExtractor(ckpt, device="cpu", backend="onnx").runtime.onnx_file
     assert fresh != with_flip and fresh.is_file() and not with_flip.exists() and without.is_file()
 
 
@@ -143,20 +143,20 @@ def test_a_checkpoint_replaced_while_loading_is_not_cached(checkpoint: Path, tmp
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A run saving last.pt while an extractor loads it: the graph of the weights loaded must not be filed
     under the new file's state (later extractors would get the old weights)."""
-    import cgpn.extractor
+    import cgpn.runtime
 
     ckpt = tmp_path / "last.pt"
     shutil.copyfile(checkpoint, ckpt)
     cache = tmp_path / "cache"
     monkeypatch.setenv("CGPN_CACHE_DIR", str(cache))
-    real_load = cgpn.extractor.load_model
+    real_load = cgpn.runtime.load_model
 
     def load_then_replaced(path):
         loaded = real_load(path)
         os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))  # the run saves
         return loaded
 
-    monkeypatch.setattr(cgpn.extractor, "load_model", load_then_replaced)
+    monkeypatch.setattr(cgpn.runtime, "load_model", load_then_replaced)
     extractor = FeatureExtractor(ckpt, device="cpu", backend="onnx")
     assert not list(cache.rglob("*.onnx"))
     eager = FeatureExtractor(checkpoint, device="cpu", backend="eager")

@@ -7,6 +7,7 @@ The short API::
     result = evaluate(distmat, q_pids, g_pids, q_camids, g_camids)
     print(result.summary())
     feats = FeatureExtractor("runs/demo/last.pt")(["a.jpg", "b.jpg"])   # (2, 3072), unit length
+    tracker.embedder = TrackerEmbedder("runs/demo/last.pt")            # deep-sort-realtime; BoxMOT: reid_model=
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ _EXPORTS = {
     "FeatureExtractor": "cgpn.extractor",
     "GalleryIndex": "cgpn.retrieval",
     "RankResult": "cgpn.metrics.rank",
+    "TrackerEmbedder": "cgpn.track.embedder",
     "build_dataset": "cgpn.data.datasets",
     "build_model": "cgpn.model",
     "check_onnx": "cgpn.export",
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from cgpn.metrics.rank import RankResult, evaluate, pairwise_distance
     from cgpn.model import CGPN, build_model
     from cgpn.retrieval import GalleryIndex, load_features, save_features
+    from cgpn.track.embedder import TrackerEmbedder
 
 
 def __getattr__(name: str) -> Any:
@@ -76,6 +79,7 @@ __all__ = [
     "FeatureExtractor",
     "GalleryIndex",
     "RankResult",
+    "TrackerEmbedder",
     "build_dataset",
     "build_model",
     "check_onnx",

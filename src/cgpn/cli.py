@@ -203,8 +203,8 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 def _extractor(args: argparse.Namespace, checkpoint: str):
     from cgpn.extractor import FeatureExtractor
 
-    return FeatureExtractor(checkpoint, device=args.device, batch_size=args.batch_size, flip=not args.no_flip,
-                            backend=args.backend)
+    return FeatureExtractor(checkpoint, device=args.device, batch_size=args.batch_size,
+                            flip=False if args.no_flip else None, backend=args.backend)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""ONNX export: the test feature as one graph that runs without PyTorch, checked with onnxruntime.
+"""ONNX export: the test feature as one graph that runs without PyTorch, checked with onnxruntime. This module
+writes and checks files; ``cgpn.runtime`` runs them.
 
 The exported graph is the whole test-time feature of Section 4.2: normalised images (B, 3, H, W) in,
 the flip-averaged, L2-normalised 3072-d CGPN feature (B, 3072) out. The batch axis is dynamic; height
@@ -32,8 +33,7 @@ from cgpn.engine.inference import Embedder
 from cgpn.errors import ConfigError, DependencyError
 from cgpn.files import atomic_path
 
-__all__ = ["TOLERANCE", "OnnxCheck", "check_onnx", "export_onnx", "import_onnxruntime",
-           "onnx_session", "write_metadata"]
+__all__ = ["TOLERANCE", "OnnxCheck", "check_onnx", "export_onnx", "import_onnxruntime", "write_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,20 +90,6 @@ def export_onnx(model: nn.Module, out: str | Path | io.BytesIO, height: int, wid
     return out
 
 
-def onnx_session(model_file: str | Path | bytes, threads: int = 0, device: str | torch.device = "cpu"):
-    """An onnxruntime session with every graph optimisation on, on the CPU, or on CUDA for a CUDA ``device``
-    when this onnxruntime build has it."""
-    ort = import_onnxruntime()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads > 0:
-        options.intra_op_num_threads = threads
-    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider") if torch.device(device).type == "cuda" else ()
-    providers = [p for p in wanted if p in ort.get_available_providers()] or ["CPUExecutionProvider"]
-    return ort.InferenceSession(model_file if isinstance(model_file, bytes) else str(model_file), options,
-                                providers=providers)
-
-
 def write_metadata(model_file: str | Path, cfg: Config, flip: bool = True) -> None:
     """Record in the ONNX file what a user of it needs: input size, normalisation, flip, the cgpn config."""
     try:
@@ -148,7 +134,8 @@ def check_onnx(model_file: str | Path | bytes, model: nn.Module, height: int, wi
     and through PyTorch."""
     if batch_size < 1:
         raise ConfigError(f"--check-batch must be at least 1, got {batch_size}")
-    session = onnx_session(model_file)
+    session = import_onnxruntime().InferenceSession(model_file if isinstance(model_file, bytes) else str(model_file),
+                                                    providers=["CPUExecutionProvider"])
     images = torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(seed))
     was_training, device = model.training, next(model.parameters()).device
     try:

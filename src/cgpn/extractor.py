@@ -1,8 +1,9 @@
 """Features out of images with a trained model: files, PIL images, NumPy arrays or tensors in, L2-normalised
 test features (3072-d for CGPN, Section 4.2) out, with the checkpoint's own preprocessing.
 
-On the CPU the default path (``backend="auto"``) is the fastest one whose features match eager fp32
-PyTorch (cosine >= 0.999, same Rank-1; benchmarks/infer_speed.py). On CPUs with bf16 matrix units (AMX,
+The network runs through ``cgpn.runtime.Runtime`` (a checkpoint, an ONNX file written by ``cgpn export``, or
+a network in memory). On the CPU the default path (``backend="auto"``) is the fastest one whose features match
+eager fp32 PyTorch (cosine >= 0.999, same Rank-1; benchmarks/infer_speed.py). On CPUs with bf16 matrix units (AMX,
 AVX512-BF16) that is bf16 autocast + channels_last, as for training. On other CPUs it is ONNX Runtime:
 1.30x eager fp32 for CGPN-ResNet-50 at 384 x 128 on a 2-core AVX2 CPU, where eager already runs at 73 % of
 the CPU's fp32 matrix-multiply rate (channels_last 1.23x; torch.compile 1.34x but 7-42 s to compile in
@@ -17,12 +18,8 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import io
 import logging
-import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,39 +28,18 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from cgpn import __version__
-from cgpn.config import EXTRACTOR_BACKENDS, ONNX_OPSET, Config
+from cgpn.config import Config
 from cgpn.data.datasets.base import IMAGE_SUFFIXES
 from cgpn.data.loader import read_image
 from cgpn.data.transforms import build_transforms
-from cgpn.engine.checkpoint import load_model
-from cgpn.engine.inference import Embedder, resolve_device
-from cgpn.engine.precision import cpu_has_native_bf16
-from cgpn.errors import ConfigError, DatasetError, DependencyError, ImageError
-from cgpn.export import export_onnx, import_onnxruntime, onnx_session
+from cgpn.errors import ConfigError, DatasetError, ImageError
+from cgpn.runtime import Runtime, cache_dir
 
 __all__ = ["FeatureExtractor", "ImageInput", "cache_dir", "list_images", "to_pil"]
 
 logger = logging.getLogger(__name__)
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _file_state(path: Path) -> str:
-    """Size and modification time of a file: what changes when a run saves a new checkpoint over it."""
-    stat = path.stat()
-    return f"{stat.st_size}|{stat.st_mtime_ns}"
-
-
-def cache_dir() -> Path:
-    """Where exported graphs are kept: ``$CGPN_CACHE_DIR``, else ``$XDG_CACHE_HOME/cgpn`` or ``~/.cache/cgpn``."""
-    if os.environ.get("CGPN_CACHE_DIR"):
-        return Path(os.environ["CGPN_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cgpn"
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -122,13 +98,17 @@ class FeatureExtractor:
     """A trained network as a function from images to L2-normalised test features.
 
     Args:
-        checkpoint_or_model: a checkpoint written by ``cgpn train`` (path), or a network in memory.
+        checkpoint_or_model: a checkpoint written by ``cgpn train`` (path), an ONNX file written by
+            ``cgpn export`` (path ending in ``.onnx``; size, normalisation and flip from its metadata), or a
+            network in memory.
         device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:N``.
         batch_size: images per forward pass (each also runs mirrored when ``flip``).
-        flip: average each feature with that of the mirrored image (Section 4.2).
+        flip: average each feature with that of the mirrored image (Section 4.2); ``None``: the
+            checkpoint's ``test.flip`` (on by default), or what the ONNX file was exported with.
         backend: ``auto`` (CPU: ``bf16`` with bf16 matrix units, else ``onnx`` when onnxruntime is
             installed, else ``channels_last``; GPU: ``eager``), ``eager`` (fp32 PyTorch),
-            ``channels_last``, ``bf16`` (autocast), ``compile`` (torch.compile) or ``onnx`` (ONNX Runtime).
+            ``channels_last``, ``bf16`` (autocast), ``compile`` (torch.compile) or ``onnx`` (ONNX Runtime);
+            see ``cgpn.runtime``.
         config: preprocessing for a network passed in memory (a checkpoint brings its own); defaults
             to ``Config()``, i.e. 384 x 128 with ImageNet normalisation.
         progress: a progress bar; ``None`` shows one for lists longer than a batch on a terminal.
@@ -140,99 +120,16 @@ class FeatureExtractor:
     """
 
     def __init__(self, checkpoint_or_model: str | Path | nn.Module, device: str = "auto", batch_size: int = 32,
-                 flip: bool = True, backend: str = "auto", config: Config | None = None,
+                 flip: bool | None = None, backend: str = "auto", config: Config | None = None,
                  progress: bool | None = None) -> None:
-        if backend not in EXTRACTOR_BACKENDS:
-            raise ConfigError(f"backend must be one of {', '.join(EXTRACTOR_BACKENDS)}, got {backend!r}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-        self.checkpoint: Path | None = None
-        if isinstance(checkpoint_or_model, nn.Module):  # a copy: the caller's model keeps its device and mode
-            model, cfg = copy.deepcopy(checkpoint_or_model), config or Config()
-        else:
-            self.checkpoint = Path(checkpoint_or_model)
-            # read before loading, so that a file replaced while it loads (a run saving) is noticed
-            self._file_state = _file_state(self.checkpoint) if self.checkpoint.is_file() else ""
-            model, cfg = load_model(self.checkpoint)
-        self.config: Config = cfg
-        self.device = resolve_device(device)
-        self.batch_size, self.flip, self.progress = batch_size, flip, progress
-        self.transform = build_transforms(cfg.data, train=False)
-        self.model = model.eval()
-        self.backend = self._resolve_backend(backend)
-        self._run = self._build_runner()
-        dim = getattr(model, "feature_dim", None)  # a CGPN knows it; another network is asked with a forward
-        self.feature_dim = int(dim if dim is not None else
-                               self._run(torch.zeros(1, 3, cfg.data.height, cfg.data.width)).shape[1])
-        logger.info("feature extractor: %s on %s, %d-d features, %dx%d input%s", self.backend, self.device,
-                    self.feature_dim, cfg.data.height, cfg.data.width, ", flip-averaged" if flip else "")
-
-    def _resolve_backend(self, backend: str) -> str:
-        if backend != "auto":
-            return backend
-        if self.device.type != "cpu":
-            return "eager"
-        if cpu_has_native_bf16():  # bf16 matrix units (AMX / AVX512-BF16): as training's engine.precision=auto
-            return "bf16"
-        try:
-            import_onnxruntime()
-        except DependencyError:
-            logger.info("onnxruntime is not installed: using channels_last PyTorch on the CPU "
-                        "(pip install onnxruntime for the faster default)")
-            return "channels_last"
-        return "onnx"
-
-    def _build_runner(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A function (B, 3, H, W) normalised images -> (B, D) L2-normalised features on the CPU."""
-        if self.backend == "onnx":
-            session = onnx_session(self._onnx_graph(), device=self.device)
-            return lambda x: torch.from_numpy(session.run(["features"], {"images": x.numpy()})[0])
-        embedder = Embedder(self.model, flip=self.flip).to(self.device).eval()
-        memory_format = torch.channels_last if self.backend in ("channels_last", "bf16") else torch.preserve_format
-        if memory_format is torch.channels_last:
-            embedder = embedder.to(memory_format=torch.channels_last)
-        run: nn.Module | Callable = torch.compile(embedder, dynamic=False) if self.backend == "compile" else embedder
-        autocast = self.backend == "bf16"
-
-        @torch.inference_mode()
-        def runner(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-                return run(x).float().cpu()
-
-        return runner
-
-    def _onnx_graph(self) -> bytes | Path:
-        """The exported graph: a cached file for a checkpoint, bytes in memory for a network passed in."""
-        h, w = self.config.data.height, self.config.data.width
-        if self.checkpoint is None:
-            return self._onnx_bytes()
-        if _file_state(self.checkpoint) != self._file_state:  # replaced since it was loaded (a run saving)
-            logger.info("%s changed after it was loaded; exporting in memory, not caching", self.checkpoint)
-            return self._onnx_bytes()
-        # <variant>-<file state>.onnx: graphs of other variants (size, flip) of the same checkpoint stay; a
-        # variant's graph of an earlier state of the checkpoint file is replaced
-        variant = _short_hash(f"{h}x{w}|flip={self.flip}|opset={ONNX_OPSET}|{torch.__version__}|{__version__}")
-        folder = cache_dir() / "onnx" / _short_hash(str(self.checkpoint.resolve()))
-        target = folder / f"{variant}-{_short_hash(self._file_state)}.onnx"
-        if target.is_file():
-            return target
-        logger.info("exporting %s to ONNX for onnxruntime (once per checkpoint; cached in %s)", self.checkpoint,
-                    folder)
-        try:
-            export_onnx(self.model, target, h, w, flip=self.flip)  # written whole, then renamed: no torn files
-        except OSError as err:
-            logger.warning("cannot cache the ONNX graph in %s (%s); exporting in memory", folder, err)
-            return self._onnx_bytes()
-        for old in folder.glob(f"{variant}-*.onnx"):  # this variant for earlier states of the file
-            if old != target:
-                old.unlink(missing_ok=True)
-        return target
-
-    def _onnx_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        export_onnx(self.model, buffer, self.config.data.height, self.config.data.width, flip=self.flip)
-        return buffer.getvalue()
+        self.runtime = Runtime(checkpoint_or_model, device=device, backend=backend, flip=flip, config=config)
+        rt = self.runtime
+        self.checkpoint, self.config, self.model, self.device = rt.checkpoint, rt.config, rt.model, rt.device
+        self.backend, self.flip, self.feature_dim = rt.backend, rt.flip, rt.feature_dim
+        self.batch_size, self.progress = batch_size, progress
+        self.transform = build_transforms(rt.config.data, train=False, mean=rt.mean, std=rt.std)
 
     def preprocess(self, item: ImageInput) -> torch.Tensor:
         """One image -> the normalised (3, height, width) tensor the network takes."""
@@ -240,7 +137,7 @@ class FeatureExtractor:
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Features (B, D) of a preprocessed batch (B, 3, height, width), L2-normalised, on the CPU."""
-        return self._run(images.float().cpu() if self.backend == "onnx" else images.float())
+        return self.runtime(images)
 
     def __call__(self, inputs: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """Features (N, D) of one image or a list of images (paths, PIL, arrays, tensors; see ``to_pil``)."""
