@@ -92,7 +92,7 @@ class FrameSource:
     def __iter__(self) -> Iterator[np.ndarray]:
         if self.files:
             for path in self.files:
-                yield np.asarray(read_image(str(path)))
+                yield np.array(read_image(str(path)))  # writable: torch.from_numpy warns on read-only arrays
             return
         av = _import_av()
         count = 0
