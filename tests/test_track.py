@@ -180,6 +180,8 @@ def _bad_inputs(seq: Path, tmp: Path, outputs: Path, checkpoint: Path) -> dict[s
     cases = {
         "missing frames": (["--frames", str(tmp / "nope"), "--detections", det, "--checkpoint", ckpt, "--out", out],
                            "do not exist"),
+        "sequence folder, not img1": (["--frames", str(seq), "--detections", det, "--appearance", "none",
+                                       "--out", out], "keeps them in img1/"),
         "malformed line": (["--frames", frames, "--detections", str(tmp / "bad_det.txt"), "--checkpoint", ckpt,
                             "--out", out], "bad_det.txt:2: expected"),
         "not a checkpoint": (["--frames", frames, "--detections", det, "--checkpoint", str(tmp / "other.pt"),
@@ -201,7 +203,7 @@ def _bad_inputs(seq: Path, tmp: Path, outputs: Path, checkpoint: Path) -> dict[s
     return {k: (v[0] if "--video" in v[0] else [*v[0], "--video", video], v[1]) for k, v in cases.items()}
 
 
-@pytest.mark.parametrize("case", ["missing frames", "malformed line", "not a checkpoint", "undecodable video",
+@pytest.mark.parametrize("case", ["missing frames", "sequence folder, not img1", "malformed line", "not a checkpoint", "undecodable video",
                                   "out is the detections", "video is the frames", "video not a video",
                                   "detections past the end", "no checkpoint", "bad setting"])
 def test_a_mistake_is_one_line_and_nothing_is_written(case: str, seq: Path, checkpoint: Path, tmp_path: Path,

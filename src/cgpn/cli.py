@@ -434,9 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("synth", parents=[common],
                          help="write the procedural synthetic data set (Market-1501 layout)")
-    p.add_argument("--out", required=True, help="folder to write (bounding_box_train/, query/, ...)")
-    p.add_argument("--preset", default="demo", help="starting settings: demo (default) or tiny")
-    _add_spec_args(p, SyntheticSpec, "demo")
+    _add_generator_args(p, SyntheticSpec, ("demo", "tiny"), "bounding_box_train/, query/, ...")
     p.set_defaults(func=cmd_synth)
 
     p = verbs.add_parser("train", parents=[common],
@@ -530,9 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("synth-video", parents=[common],
                          help="write a synthetic tracking sequence: frames, gt.txt, det.txt (MOTChallenge format)")
-    p.add_argument("--out", required=True, help="folder to write (img1/, gt.txt, det.txt, seqinfo.ini)")
-    p.add_argument("--preset", default="benchmark", help="starting settings: benchmark (default) or tiny")
-    _add_spec_args(p, SyntheticVideoSpec, "benchmark")
+    _add_generator_args(p, SyntheticVideoSpec, ("benchmark", "tiny"), "img1/, gt.txt, det.txt, seqinfo.ini")
     p.set_defaults(func=cmd_synth_video)
 
     p = verbs.add_parser("track", parents=[common],
@@ -571,11 +567,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_spec_args(p: argparse.ArgumentParser, spec_type: type, preset: str) -> None:
-    """A flag per field of a generator's settings dataclass; unset flags keep the preset's value."""
+def _add_generator_args(p: argparse.ArgumentParser, spec_type: type, presets: tuple[str, ...], writes: str) -> None:
+    """--out, --preset (the first of ``presets`` by default, whose values are ``spec_type``'s defaults) and a
+    flag per field of the generator's settings; unset flags keep the preset's value."""
+    p.add_argument("--out", required=True, help=f"folder to write ({writes})")
+    p.add_argument("--preset", default=presets[0],
+                   help=f"starting settings: {presets[0]} (default) or {', '.join(presets[1:])}")
     for f in dataclasses.fields(spec_type):
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
-                       help=f"{f.metadata['help']} (default: the preset's; {preset}: {f.default})")
+                       help=f"{f.metadata['help']} (default: the preset's; {presets[0]}: {f.default})")
 
 
 def _add_rerank_arg(p: argparse.ArgumentParser) -> None:

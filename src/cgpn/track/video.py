@@ -54,8 +54,9 @@ class FrameSource:
             self.files = sorted((p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
                                 key=_frame_order)
             if not self.files:
+                hint = "; a MOTChallenge sequence keeps them in img1/" if (self.path / "img1").is_dir() else ""
                 raise DatasetError(f"frames folder '{self.path}' holds no image (expected 000001.jpg, 000002.jpg... "
-                                   f"with a suffix in {', '.join(IMAGE_SUFFIXES)}) ")
+                                   f"ending in {', '.join(IMAGE_SUFFIXES)}{hint})")
             self.num_frames: int | None = len(self.files)
             self.fps = self._seqinfo_fps()
         elif self.path.is_file():
