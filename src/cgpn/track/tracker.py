@@ -29,8 +29,6 @@ def box_features(embedder: Embedder | None, image: np.ndarray | None, boxes_ltwh
     embedder's, or (N, 1) ones without an embedder (every box looks the same)."""
     if embedder is None:
         return np.ones((len(boxes_ltwh), 1), dtype=np.float32)
-    if not len(boxes_ltwh):
-        return np.zeros((0, 1), dtype=np.float32)
     xyxy = np.concatenate([boxes_ltwh[:, :2], boxes_ltwh[:, :2] + boxes_ltwh[:, 2:]], axis=1)
     return np.asarray(embedder(image, xyxy), dtype=np.float32)
 
