@@ -61,14 +61,19 @@ def _model_and_config(args: argparse.Namespace):
 # --- verbs -------------------------------------------------------------------------------------------
 
 
+def _preset_spec(presets: dict, args: argparse.Namespace):
+    """The preset named by ``--preset``, with the flags given on the command line in place of its values."""
+    if args.preset not in presets:
+        raise ConfigError(f"unknown preset '{args.preset}'; choose one of {', '.join(presets)}")
+    return dataclasses.replace(presets[args.preset], **{
+        f.name: getattr(args, f.name) for f in dataclasses.fields(presets[args.preset])
+        if getattr(args, f.name) is not None})
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from cgpn.data.datasets.synthetic import PRESETS, generate_synthetic
 
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown preset '{args.preset}'; choose one of {', '.join(PRESETS)}")
-    spec = dataclasses.replace(PRESETS[args.preset], **{
-        f.name: getattr(args, f.name) for f in dataclasses.fields(PRESETS[args.preset])
-        if getattr(args, f.name) is not None})
+    spec = _preset_spec(PRESETS, args)
     counts = generate_synthetic(args.out, spec, progress=not args.quiet)
     print(f"wrote {sum(counts.values())} images to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
@@ -405,6 +410,107 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth_video(args: argparse.Namespace) -> int:
+    from cgpn.track.synth_video import PRESETS, generate_synthetic_video
+
+    c = generate_synthetic_video(args.out, _preset_spec(PRESETS, args), progress=not args.quiet)
+    print(f"wrote {c['frames']} frames to {Path(args.out) / 'img1'}, {c['gt_boxes']} boxes to gt.txt and "
+          f"{c['detections']} detections to det.txt; {c['crossings']} crossings ({c['lookalike_crossings']} of "
+          f"look-alikes), {c['long_occlusions']} occlusions over a second, {c['reentries']} re-entries")
+    return 0
+
+
+def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:
+    """A ConfigError, before any work, if an output path is one of the inputs or another output, is a folder,
+    or lies where nothing can be written."""
+    import os
+
+    seen: dict[Path, str] = {Path(v).resolve(): k for k, v in inputs.items() if v}
+    for flag, value in outputs.items():
+        if not value:
+            continue
+        path = Path(value).resolve()
+        if path in seen:
+            raise ConfigError(f"{flag} '{value}' is also {seen[path]}: writing it would destroy that; "
+                              "pass another file name")
+        if path.is_dir():
+            raise ConfigError(f"{flag} '{value}' is a folder: pass a file name")
+        ancestor = path.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag} '{value}': cannot write in '{ancestor}' (no permission): pass another place")
+        seen[path] = flag
+
+
+def _tracker_settings(args: argparse.Namespace):
+    from cgpn.config import TrackerSettings
+
+    settings = TrackerSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrackerSettings)})
+    settings.validate()
+    return settings
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from tqdm import tqdm
+
+    settings = _tracker_settings(args)
+    if args.appearance == "cgpn" and not args.checkpoint:
+        raise ConfigError("--appearance cgpn (the default) needs --checkpoint FILE (written by cgpn train, or an "
+                          "ONNX file by cgpn export); without a network: --appearance histogram or none")
+    if args.appearance != "cgpn" and args.checkpoint:
+        raise ConfigError(f"--checkpoint is used only with --appearance cgpn, not {args.appearance}")
+    if args.video and Path(args.video).suffix.lower() not in (".mp4", ".gif"):
+        raise ConfigError(f"--video must name an .mp4 or .gif file, got '{args.video}'")
+    _check_outputs({"--out": args.out, "--video": args.video},
+                   {"--frames": args.frames, "--detections": args.detections, "--checkpoint": args.checkpoint})
+    from cgpn.track.appearance import ColorHistogramEmbedder
+    from cgpn.track.mot import MotBoxes, read_mot, write_mot
+    from cgpn.track.tracker import DeepSortTracker, track_frames
+    from cgpn.track.video import FrameSource, draw_tracks, video_writer
+
+    detections = read_mot(args.detections, "detections")
+    frames = FrameSource(args.frames)
+    if frames.num_frames is not None and detections.num_frames > frames.num_frames:
+        raise DatasetError(f"{args.detections} has detections for frame {detections.num_frames} but "
+                           f"{args.frames} holds {frames.num_frames} frames (are they of another sequence?)")
+    if args.appearance == "cgpn":
+        from cgpn.track.embedder import TrackerEmbedder
+
+        embedder = TrackerEmbedder(args.checkpoint, device=args.device, backend=args.backend,
+                                   batch_size=args.batch_size, bgr=False, flip=False if args.no_flip else None)
+    else:
+        embedder = ColorHistogramEmbedder(bgr=False) if args.appearance == "histogram" else None
+    tracker = DeepSortTracker(embedder, settings)
+    per_frame = []
+    with video_writer(args.video, frames.fps) if args.video else contextlib.nullcontext() as write:
+        for t, image, rows in tqdm(track_frames(frames, detections, tracker), total=frames.num_frames,
+                                   desc="track", unit="frame", disable=args.quiet):
+            per_frame.append((np.full(len(rows), t), rows))
+            if write:
+                write(draw_tracks(image, rows[:, 0].astype(int), rows[:, 1:5]))
+    frame_numbers = np.concatenate([f for f, _ in per_frame])
+    rows = np.concatenate([r for _, r in per_frame])
+    tracks = MotBoxes.from_rows(frame_numbers, rows[:, 0], rows[:, 1:5], rows[:, 5])
+    write_mot(args.out, tracks, "tracks")
+    print(f"{len(np.unique(tracks.ids))} tracks, {len(tracks)} boxes in {len(per_frame)} frames "
+          f"({args.appearance} appearance): {args.out}" + (f"; video: {args.video}" if args.video else ""))
+    return 0
+
+
+def cmd_track_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from cgpn.track.metrics import evaluate_tracking
+    from cgpn.track.mot import read_mot
+
+    result = evaluate_tracking(read_mot(args.gt, "ground truth"), read_mot(args.tracks, "tracks"), iou=args.iou)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.summary())
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------------------
 
 
@@ -424,11 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("synth", parents=[common],
                          help="write the procedural synthetic data set (Market-1501 layout)")
-    p.add_argument("--out", required=True, help="folder to write (bounding_box_train/, query/, ...)")
-    p.add_argument("--preset", default="demo", help="starting settings: demo (default) or tiny")
-    for f in dataclasses.fields(SyntheticSpec):
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
-                       help=f"{f.metadata['help']} (default: the preset's; demo: {f.default})")
+    _add_generator_args(p, SyntheticSpec, ("demo", "tiny"), "bounding_box_train/, query/, ...")
     p.set_defaults(func=cmd_synth)
 
     p = verbs.add_parser("train", parents=[common],
@@ -541,7 +643,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flip", action="store_true", help="leave flip averaging out of the graph")
     p.add_argument("--check-batch", type=int, default=4, help="size of the random batch of the check")
     p.set_defaults(func=cmd_export)
+
+    from cgpn.config import TRACK_APPEARANCES, TrackerSettings
+    from cgpn.track.synth_video import SyntheticVideoSpec
+
+    p = verbs.add_parser("synth-video", parents=[common],
+                         help="write a synthetic tracking sequence: frames, gt.txt, det.txt (MOTChallenge format)")
+    _add_generator_args(p, SyntheticVideoSpec, ("benchmark", "tiny"), "img1/, gt.txt, det.txt, seqinfo.ini")
+    p.set_defaults(func=cmd_synth_video)
+
+    p = verbs.add_parser("track", parents=[common],
+                         help="track people over a sequence: DeepSORT (deep-sort-realtime) on MOT detections, "
+                         "with cgpn features for appearance; writes MOT-format tracks")
+    p.add_argument("--frames", required=True, help="folder of frames (MOT img1/: 000001.jpg...) or a video file")
+    p.add_argument("--detections", required=True,
+                   help="MOT det.txt: frame,-1,left,top,width,height,confidence (frames from 1)")
+    p.add_argument("--checkpoint", help="a checkpoint written by cgpn train or an ONNX file by cgpn export")
+    p.add_argument("--out", required=True, help="MOT tracks file to write: frame,id,left,top,width,height,conf,...")
+    p.add_argument("--video", help="also draw the tracks into this .mp4 or .gif")
+    p.add_argument("--appearance", choices=list(TRACK_APPEARANCES), default="cgpn",
+                   help="cgpn (default: features of --checkpoint) | histogram (colour histograms) | none "
+                   "(motion and IoU only)")
+    d = TrackerSettings()
+    p.add_argument("--max-age", type=int, default=d.max_age,
+                   help=f"frames a track lives on without a detection (default {d.max_age})")
+    p.add_argument("--n-init", type=int, default=d.n_init,
+                   help=f"detections in a row before a track is confirmed and written (default {d.n_init})")
+    p.add_argument("--max-iou-distance", type=float, default=d.max_iou_distance,
+                   help=f"IoU stage: match only if 1 - IoU <= this (default {d.max_iou_distance})")
+    p.add_argument("--max-cosine-distance", type=float, default=d.max_cosine_distance,
+                   help=f"appearance stage: match only if the cosine distance <= this (default {d.max_cosine_distance})")
+    p.add_argument("--nn-budget", type=int, default=d.nn_budget,
+                   help="appearance features kept per track (default: all since it was confirmed)")
+    _add_extractor_args(p)
+    p.set_defaults(func=cmd_track)
+
+    p = verbs.add_parser("track-eval", parents=[common],
+                         help="IDF1, ID switches, MOTA (py-motmetrics) and HOTA, AssA (TrackEval) of MOT tracks")
+    p.add_argument("--gt", required=True, help="MOT gt.txt: frame,id,left,top,width,height,flag,class,visibility")
+    p.add_argument("--tracks", required=True, help="MOT tracks file (as cgpn track writes)")
+    p.add_argument("--iou", type=float, default=0.5, help="IoU at which a box matches (py-motmetrics; default 0.5)")
+    p.add_argument("--json", action="store_true", help="print every figure as JSON")
+    p.set_defaults(func=cmd_track_eval)
     return parser
+
+
+def _add_generator_args(p: argparse.ArgumentParser, spec_type: type, presets: tuple[str, ...], writes: str) -> None:
+    """--out, --preset (the first of ``presets`` by default, whose values are ``spec_type``'s defaults) and a
+    flag per field of the generator's settings; unset flags keep the preset's value."""
+    p.add_argument("--out", required=True, help=f"folder to write ({writes})")
+    p.add_argument("--preset", default=presets[0],
+                   help=f"starting settings: {presets[0]} (default) or {', '.join(presets[1:])}")
+    for f in dataclasses.fields(spec_type):
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
+                       help=f"{f.metadata['help']} (default: the preset's; {presets[0]}: {f.default})")
 
 
 def _add_rerank_arg(p: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ from cgpn.files import atomic_path, reading
 __all__ = [
     "CHOICES",
     "RANGES",
+    "TRACK_APPEARANCES",
     "Config",
     "DataConfig",
     "EngineConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "ServeSettings",
     "SolverConfig",
     "TestConfig",
+    "TrackerSettings",
     "apply_overrides",
     "load_config",
     "save_config",
@@ -304,6 +306,32 @@ class ServeSettings:
         "help": "most concurrent queries searched (or images embedded) together as one batch"})
     uploads_kept: int = field(default=256, metadata={
         "help": "uploaded queries the page remembers for its result pages (the oldest are dropped)"})
+
+
+TRACK_APPEARANCES = ("cgpn", "histogram", "none")  # cgpn track --appearance: what tells people apart
+
+
+@dataclass
+class TrackerSettings:
+    """deep-sort-realtime's ``DeepSort`` parameters (``cgpn track`` flags of the same names); defaults are its own."""
+
+    max_age: int = 30  # frames a track lives on without a detection (DeepSORT paper: A_max = 30)
+    n_init: int = 3  # detections in a row before a track is confirmed (tracks are written from then on)
+    max_iou_distance: float = 0.7  # IoU stage: a new or just-missed track and a box match only if 1 - IoU <= this
+    max_cosine_distance: float = 0.2  # appearance stage: a track and a box match only if their cosine distance <= this
+    nn_budget: int | None = None  # appearance features kept per track (None: every one since it was confirmed)
+
+    def validate(self) -> None:
+        """A ConfigError naming the first value out of range."""
+        checks = {"max_age": self.max_age >= 1, "n_init": self.n_init >= 1,
+                  "max_iou_distance": 0 < self.max_iou_distance <= 1,
+                  "max_cosine_distance": 0 <= self.max_cosine_distance <= 2,
+                  "nn_budget": self.nn_budget is None or self.nn_budget >= 1}
+        ranges = {"max_age": ">= 1", "n_init": ">= 1", "max_iou_distance": "in (0, 1]",
+                  "max_cosine_distance": "in [0, 2]", "nn_budget": ">= 1 (or unset: no limit)"}
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} must be {ranges[name]}, got {getattr(self, name)}")
 
 
 def _field_types(obj: Any) -> dict[str, Any]:

@@ -153,33 +153,30 @@ def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return yy, xx
 
 
-def _render(ident: _Identity, cam: dict[str, object], spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
-    """One (H, W, 3) uint8 image of ``ident`` seen by ``cam`` in a random pose."""
-    h, w = spec.height, spec.width
-    yy, xx = _grid(h, w)
-    # Background: camera colours as a vertical gradient with a floor, plus per-image clutter.
-    bg = cam["bg"]
-    t = yy[..., None] / h
-    img = (bg[0] * (1 - t) + bg[1] * t).astype(np.float32)
-    floor = rng.uniform(0.7, 0.9) * h
-    img[yy > floor] = bg[2]
-    for _ in range(rng.integers(1, 4)):
-        y0, x0 = rng.uniform(0, h), rng.uniform(-w / 2, w)
-        clutter = (yy > y0) & (yy < y0 + rng.uniform(5, h / 3)) & (xx > x0) & (xx < x0 + rng.uniform(4, w / 2))
-        img[clutter] = PALETTE[rng.integers(len(PALETTE))] * 0.7 + 40
+@dataclass
+class Pose:
+    """Where and how a person stands in an image: the rows ``top`` to ``top + height``, centre column ``cx``,
+    seen from behind or not, legs spread by ``stride`` and arms swung by ``swing`` pixels."""
 
-    # Person geometry in pixels: scale, shift, pose.
-    ph = h * rng.uniform(0.78, 0.97)
-    top = rng.uniform(0.01, 0.99) * (h - ph)
-    cx = w / 2 + rng.uniform(-0.12, 0.12) * w
+    top: float
+    height: float
+    cx: float
+    back: bool
+    stride: float
+    swing: float
+
+
+def draw_person(img: np.ndarray, yy: np.ndarray, xx: np.ndarray, ident: _Identity, pose: Pose) -> np.ndarray:
+    """Paint ``ident`` in ``pose`` over ``img`` (H, W, 3) float, whose pixel rows and columns are ``yy``,
+    ``xx`` (H, W) (an image's own grid, or a window of a larger frame); returns the (H, W) mask painted."""
+    top, ph, cx, back, stride, swing = pose.top, pose.height, pose.cx, pose.back, pose.stride, pose.swing
     bw = ph * 0.22 * ident.width  # torso width
-    back = rng.random() < 0.5  # seen from behind
-    stride = rng.uniform(0.0, 0.22) * ph  # leg spread
-    swing = rng.uniform(-0.12, 0.12) * ph
     y = lambda f: top + f * ph  # noqa: E731  height fraction -> row
+    drawn = np.zeros(yy.shape, dtype=bool)
 
     def paint(mask: np.ndarray, color: np.ndarray) -> None:
         img[mask] = color
+        drawn[mask] = True
 
     hip, knee_end = y(0.52), y(0.93 * ident.leg_ratio if ident.leg_ratio < 1 else 0.93)
     # Legs: two slanted bars from the hip to the feet.
@@ -207,6 +204,7 @@ def _render(ident: _Identity, cam: dict[str, object], spec: SyntheticSpec, rng: 
         paint(arm & (yy < sleeve_end), ident.upper)
     torso = (yy >= y(0.16)) & (yy < hip + 1) & (np.abs(xx - cx) < bw * 0.5)
     img[torso] = _texture(ident, yy[torso] - top, xx[torso])
+    drawn |= torso
     # Bag: a backpack is seen from behind; a hand bag hangs at one side.
     if ident.bag == "backpack" and back:
         paint((yy >= y(0.2)) & (yy < y(0.45)) & (np.abs(xx - cx) < bw * 0.38), ident.bag_color)
@@ -224,11 +222,49 @@ def _render(ident: _Identity, cam: dict[str, object], spec: SyntheticSpec, rng: 
     if ident.long_hair:
         paint((yy >= hy) & (yy < y(0.25)) & (np.abs(xx - cx) < hr * 0.95) & (back | (np.abs(xx - cx) > hr * 0.55)),
               ident.hair)
+    return drawn
+
+
+def apply_camera(img: np.ndarray, cam: dict[str, object], brightness: float, rng: np.random.Generator) -> np.ndarray:
+    """``img`` (H, W, 3) float as ``cam`` sees it: colour cast, exposure (+ ``brightness``), gamma, blur and
+    sensor noise drawn from ``rng``; returns (H, W, 3) uint8."""
+    img = img * cam["gain"] + cam["offset"] + brightness
+    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** cam["gamma"]
+    out = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    if cam["blur"] > 0.2:
+        out = out.filter(ImageFilter.GaussianBlur(cam["blur"]))
+    noisy = np.asarray(out, dtype=np.float32) + rng.normal(0, cam["noise"], size=img.shape)
+    return noisy.clip(0, 255).astype(np.uint8)
+
+
+def _render(ident: _Identity, cam: dict[str, object], spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
+    """One (H, W, 3) uint8 image of ``ident`` seen by ``cam`` in a random pose."""
+    h, w = spec.height, spec.width
+    yy, xx = _grid(h, w)
+    # Background: camera colours as a vertical gradient with a floor, plus per-image clutter.
+    bg = cam["bg"]
+    t = yy[..., None] / h
+    img = (bg[0] * (1 - t) + bg[1] * t).astype(np.float32)
+    floor = rng.uniform(0.7, 0.9) * h
+    img[yy > floor] = bg[2]
+    for _ in range(rng.integers(1, 4)):
+        y0, x0 = rng.uniform(0, h), rng.uniform(-w / 2, w)
+        clutter = (yy > y0) & (yy < y0 + rng.uniform(5, h / 3)) & (xx > x0) & (xx < x0 + rng.uniform(4, w / 2))
+        img[clutter] = PALETTE[rng.integers(len(PALETTE))] * 0.7 + 40
+
+    # Person geometry in pixels: scale, shift, pose.
+    ph = h * rng.uniform(0.78, 0.97)
+    top = rng.uniform(0.01, 0.99) * (h - ph)
+    cx = w / 2 + rng.uniform(-0.12, 0.12) * w
+    back = rng.random() < 0.5  # seen from behind
+    stride = rng.uniform(0.0, 0.22) * ph  # leg spread
+    swing = rng.uniform(-0.12, 0.12) * ph
+    draw_person(img, yy, xx, ident, Pose(top, ph, cx, back, stride, swing))
 
     # The paper's problem: occluders and truncated boxes.
     if rng.random() < spec.occlusion:
         oh = rng.uniform(0.25, 0.5) * ph
-        oy = rng.choice([y(1.0) - oh + rng.uniform(0, 0.1) * ph, rng.uniform(top, top + ph - oh)])
+        oy = rng.choice([top + ph - oh + rng.uniform(0, 0.1) * ph, rng.uniform(top, top + ph - oh)])
         ox, ow = rng.uniform(-0.2 * w, 0.5 * w), rng.uniform(0.5, 1.0) * w
         occ = (yy >= oy) & (yy < oy + oh) & (xx >= ox) & (xx < ox + ow)
         img[occ] = PALETTE[rng.integers(len(PALETTE))] * 0.8 + rng.normal(0, 12, size=(int(occ.sum()), 1))
@@ -237,15 +273,7 @@ def _render(ident: _Identity, cam: dict[str, object], spec: SyntheticSpec, rng: 
         rows = slice(0, int(h * keep)) if rng.random() < 0.7 else slice(int(h * (1 - keep)), h)
         img = np.asarray(Image.fromarray(img[rows].clip(0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR),
                          dtype=np.float32)
-
-    # Camera: colour cast, exposure, gamma, blur and sensor noise.
-    img = img * cam["gain"] + cam["offset"] + rng.uniform(-15, 15)
-    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** cam["gamma"]
-    out = Image.fromarray(img.clip(0, 255).astype(np.uint8))
-    if cam["blur"] > 0.2:
-        out = out.filter(ImageFilter.GaussianBlur(cam["blur"]))
-    noisy = np.asarray(out, dtype=np.float32) + rng.normal(0, cam["noise"], size=(h, w, 3))
-    return noisy.clip(0, 255).astype(np.uint8)
+    return apply_camera(img, cam, rng.uniform(-15, 15), rng)
 
 
 def _cross_camera_gallery(query: np.ndarray, gallery: np.ndarray, cameras: int) -> np.ndarray:
