@@ -42,8 +42,8 @@ from cgpn.track.tracker import DeepSortTracker, sequence_features, track_frames
 from cgpn.track.video import FrameSource
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_AGES = (30, 60, 120)  # frames at 25 fps: 1.2 s (deep-sort-realtime's default), 2.4 s, 4.8 s
-COSINES = (0.1, 0.2, 0.3, 0.4)  # deep-sort-realtime's default is 0.2
+MAX_AGES = (30, 60, 120, 240)  # frames at 25 fps: 1.2 s (deep-sort-realtime's default), 2.4, 4.8, 9.6 s
+COSINES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)  # deep-sort-realtime's default is 0.2 (tuned for its own embedder)
 
 
 def parse_args() -> argparse.Namespace:

@@ -397,3 +397,33 @@ def test_schedule_warm_up_then_steps_by_hand() -> None:
         optimizer.step()  # as in training: an epoch of steps, then the scheduler
         scheduler.step()
     assert lrs == pytest.approx([0.01, 0.02, 0.03, 0.03, 0.03, 0.003, 0.003])
+
+
+def test_cpu_bf16_is_not_used_where_a_strided_conv_sees_a_one_pixel_wide_input(tiny_synth: Path, tmp_path: Path,
+                                                                                caplog: pytest.LogCaptureFixture):
+    """A 16-pixel-wide image is 8, 4, 2, then 1 pixel wide after the stem, max pool, layer2 and layer3 of a
+    ResNet: only MGN's stride-2 global branch then runs a strided 3 x 3 convolution on it (its 1 x 1
+    downsample has no padding-only taps); 17 pixels become 2. There, CPU bf16 gradients are unreliable."""
+    from cgpn.engine.precision import one_pixel_wide_strided_convs
+    from cgpn.model import build_model
+
+    mgn = build_model("mgn", 5, backbone="resnet18", pretrained=False)
+    assert one_pixel_wide_strided_convs(mgn, 32, 16) == ["branches.0.layer4.0.conv1"]
+    assert one_pixel_wide_strided_convs(mgn, 32, 17) == one_pixel_wide_strided_convs(mgn, 64, 32) == []  # 9, 5, 3, 2
+    assert one_pixel_wide_strided_convs(build_model("cgpn", 5, backbone="resnet18", pretrained=False), 32, 16) == []
+    assert mgn.training  # left as it was
+
+    with pytest.raises(ConfigError, match=r"engine.precision=bf16: at data.width=16 .*layer4.0.conv1"):
+        train(load_config(None, tiny_overrides(tiny_synth, tmp_path / "bf16", **{
+            "model.name": "mgn", "engine.precision": "bf16", "solver.epochs": 1})))
+    if resolve_precision_auto_is_bf16():
+        with caplog.at_level("INFO", logger="cgpn"):
+            train(load_config(None, tiny_overrides(tiny_synth, tmp_path / "auto", **{
+                "model.name": "mgn", "solver.epochs": 1})))
+        assert "engine.precision=auto: fp32, not bf16" in caplog.text
+
+
+def resolve_precision_auto_is_bf16() -> bool:
+    from cgpn.engine.precision import resolve_precision
+
+    return resolve_precision("auto", torch.device("cpu")).name == "bf16"

@@ -10,6 +10,12 @@
 | other CPUs (AVX2 only) | fp32: bf16 is emulated there and ~25x slower (ResNet-50 on an AVX2 EPYC) |
 
 Losses are computed outside autocast, in fp32, from the network's (possibly bf16) outputs.
+
+One exception on the CPU: oneDNN's bf16 weight gradient of a strided convolution whose input is one pixel
+wide comes back with garbage (NaN) at the kernel taps that see only padding, in about 1 step of 40
+(torch 2.14, ResNet-18 layer4 at 2 x 1 pixels: 39 of 400 backward passes, 0 at 4 x 2 or 3 x 3; fp32: 0 of
+3,000). Inputs 16 pixels wide or less reach a stride-2 layer4 that way, so training picks fp32 there
+(``one_pixel_wide_strided_convs``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import torch
 from cgpn.config import CHOICES
 from cgpn.errors import ConfigError
 
-__all__ = ["CPU_FLAGS", "PRECISIONS", "Precision", "cpu_has_native_bf16", "machine_description", "resolve_precision"]
+__all__ = ["CPU_FLAGS", "PRECISIONS", "Precision", "cpu_has_native_bf16", "machine_description", "one_pixel_wide_strided_convs",
+           "resolve_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +99,27 @@ class Precision:
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A GradScaler, enabled only for fp16 (a disabled one passes calls through)."""
         return torch.amp.GradScaler(self.device_type, enabled=self.scaled)
+
+
+def one_pixel_wide_strided_convs(model: torch.nn.Module, height: int, width: int) -> list[str]:
+    """Names of ``model``'s strided convolutions (kernel wider than 1) whose input is one pixel wide for
+    ``height`` x ``width`` images: where CPU bf16 weight gradients are unreliable (see the module notes).
+    Found by one fp32 forward pass of a blank image with hooks; the model is left as it was."""
+    found: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: found.append(name) if args[0].shape[-1] == 1
+                                         else None)
+             for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and m.stride[1] > 1 and m.kernel_size[1] > 1]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, height, width, device=next(model.parameters()).device))
+    finally:
+        model.train(training)
+        for h in hooks:
+            h.remove()
+    return found
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:

@@ -65,7 +65,7 @@ from cgpn.engine.hooks import (
     StopOnSignal,
 )
 from cgpn.engine.inference import resolve_device
-from cgpn.engine.precision import Precision, resolve_precision
+from cgpn.engine.precision import Precision, one_pixel_wide_strided_convs, resolve_precision
 from cgpn.errors import ConfigError, TrainingDivergedError
 from cgpn.files import lock_folder
 from cgpn.losses import CGPNLoss
@@ -381,6 +381,21 @@ def _process_settings_restored() -> Iterator[None]:
         torch.backends.cudnn.benchmark = benchmark
 
 
+def _cpu_bf16_or_fp32(model: nn.Module, cfg: Config, precision: Precision) -> Precision:
+    """fp32 instead of CPU bf16 for images so narrow that a strided convolution sees a one-pixel-wide input
+    (bf16 weight gradients are unreliable there: ``cgpn.engine.precision``); an explicit bf16 is refused."""
+    convs = one_pixel_wide_strided_convs(model, cfg.data.height, cfg.data.width)
+    if not convs:
+        return precision
+    why = (f"at data.width={cfg.data.width} the strided convolution {convs[0]} sees a 1-pixel-wide input, where "
+           f"the CPU's bf16 weight gradients come back with NaN now and then")
+    if cfg.engine.precision == "bf16":
+        raise ConfigError(f"engine.precision=bf16: {why}; use engine.precision=fp32 (or auto), or images wider "
+                          f"than 16 pixels")
+    logger.info("engine.precision=auto: fp32, not bf16: %s", why)
+    return resolve_precision("fp32", torch.device("cpu"))
+
+
 def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None,
            held: contextlib.ExitStack) -> TrainResult:
     e = cfg.engine
@@ -435,6 +450,8 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None,
             _lock_run_folder(out, held)
             _check_no_other_run(out, state)  # again: a run that ended before the lock was taken may have written here
         save_config(cfg, out / "config.yaml")
+    if precision.name == "bf16" and device.type == "cpu":
+        precision = _cpu_bf16_or_fp32(model, cfg, precision)
     if e.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if e.channels_last else torch.contiguous_format)
