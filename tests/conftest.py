@@ -33,6 +33,20 @@ def _runs_state() -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(autouse=True)
+def _onnx_cache_under_basetemp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Graphs the extractor / embedder export go to this session's temporary folder, never ~/.cache."""
+    monkeypatch.setenv("CGPN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "onnx_cache"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained ResNet-18 CGPN checkpoint at 64 x 32 (``serve_helpers.make_checkpoint``), one per module."""
+    from serve_helpers import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(autouse=True)
 def _checkout_runs_untouched():
     """A test never writes the checkout's runs/: it holds the user's own runs (`make demo`), and a test that
     depends on them passes or fails by what the working tree holds."""

@@ -18,11 +18,6 @@ from cgpn.export import TOLERANCE, check_onnx, export_onnx
 from serve_helpers import HEIGHT, WIDTH, cli, error_line, make_checkpoint
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
 def _run(path: Path, x: torch.Tensor) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {"images": x.numpy()})[0]

@@ -16,12 +16,7 @@ from _reference_pipeline import manual_input
 from cgpn.engine.checkpoint import load_model
 from cgpn.errors import CheckpointError, DatasetError, ImageError
 from cgpn.extractor import FeatureExtractor, list_images
-from serve_helpers import HEIGHT, WIDTH, make_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+from serve_helpers import HEIGHT, WIDTH
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +37,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def eager(checkpoint: Path) -> FeatureExtractor:
     """The reference path: fp32 PyTorch, flip-averaged."""
     return FeatureExtractor(checkpoint, device="cpu", backend="eager", batch_size=2)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CGPN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "onnx_cache"))
 
 
 def test_every_input_type_gives_the_same_features(eager: FeatureExtractor, images: list[Path]) -> None:

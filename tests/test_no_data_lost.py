@@ -23,17 +23,7 @@ from _code_payload import CodePayload
 from _engine_tiny import tiny_overrides
 from cgpn.engine.events import MetricsWriter, read_metrics
 from cgpn.retrieval import FeatureFile, GalleryIndex, save_features
-from serve_helpers import cli, error_line, make_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CGPN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "onnx_cache"))
+from serve_helpers import cli, error_line
 
 
 @pytest.fixture

@@ -16,12 +16,7 @@ from cgpn.errors import CheckpointError, ConfigError, ImageError
 from cgpn.export import export_onnx
 from cgpn.extractor import FeatureExtractor
 from cgpn.runtime import Runtime
-from serve_helpers import HEIGHT, WIDTH, cli, error_line, make_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+from serve_helpers import HEIGHT, WIDTH, cli, error_line
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from cgpn.track.mot import MotBoxes, read_mot
 from cgpn.track.synth_video import PRESETS, generate_synthetic_video
 from cgpn.track.tracker import DeepSortTracker, track_frames
 from cgpn.track.video import FrameSource
-from serve_helpers import cli, error_line, make_checkpoint
+from serve_helpers import cli, error_line
 
 SPEC = dataclasses.replace(PRESETS["tiny"], frames=40)
 
@@ -36,16 +36,6 @@ def tiny_seq(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("track") / "tiny"
     generate_synthetic_video(out, PRESETS["tiny"], progress=False)
     return out
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CGPN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "onnx_cache"))
 
 
 def _xyxy(rows: np.ndarray) -> np.ndarray:

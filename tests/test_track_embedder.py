@@ -15,22 +15,12 @@ from PIL import Image
 from cgpn.errors import ConfigError, ImageError
 from cgpn.extractor import FeatureExtractor
 from cgpn.track.embedder import TrackerEmbedder
-from serve_helpers import HEIGHT, WIDTH, cli, make_checkpoint
+from serve_helpers import HEIGHT, WIDTH, cli
 
 # Smallest cosine accepted between a box's feature and that of the same crop cut and resized by hand. With the
 # untrained test network a BGR/RGB swap gives <= 0.991 (asserted below) and per-channel mean / std replaced by
 # their averages <= 0.9986; roi_align's 2 x 2 samples against PIL's antialiased bilinear give >= 0.9994.
 COS = 0.999
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CGPN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "onnx_cache"))
 
 
 @pytest.fixture(scope="module")
