@@ -7,7 +7,8 @@ bf16 autocast and through ONNX Runtime. DeepSORT's own ``max_age`` and ``max_cos
 for each of (a)-(c) on a validation sequence (seed 1: other people, camera and walks), by IDF1; (d) reuses
 the settings of (c). Then every method runs once on the test sequence (seed 0). Metrics: py-motmetrics
 (IDF1, ID switches, MOTA) and TrackEval (HOTA, AssA). Goal (issue 11): (c) has at most half the ID switches
-of (a), and a higher IDF1 and AssA than (a) and (b).
+of (a), and a higher IDF1 and AssA than (a) and (b). The last column says how well each embedding alone tells
+the same person from another one second or more later (ROC AUC over 20,000 random gt-labelled pairs).
 
     python benchmarks/tracking.py                                  # trains the demo network first
     python benchmarks/tracking.py --checkpoint runs/demo/last.pt   # or uses yours
@@ -38,7 +39,7 @@ from cgpn.track.embedder import TrackerEmbedder
 from cgpn.track.metrics import TrackingMetrics, evaluate_tracking
 from cgpn.track.mot import MotBoxes, read_mot
 from cgpn.track.synth_video import MARKER, PRESETS, generate_synthetic_video
-from cgpn.track.tracker import DeepSortTracker, sequence_features, track_frames
+from cgpn.track.tracker import DeepSortTracker, sequence_features, track_frames, usable_boxes
 from cgpn.track.video import FrameSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +92,38 @@ def features(seq: Path, embedder) -> tuple[list[np.ndarray] | None, float]:
     return out, len(det) / (time.perf_counter() - start)
 
 
+def separability(seq: Path, feats: list[np.ndarray] | None, gap: int = 25, pairs: int = 20000) -> float | None:
+    """ROC AUC of "same person" from the cosine similarity of two detections at least ``gap`` frames apart
+    (what re-association after an occlusion needs), each labelled with the ground-truth person it overlaps
+    at IoU >= 0.5; ``pairs`` random pairs (seeded). 0.5: no better than chance; None without features."""
+    if feats is None:
+        return None
+    det, gt = usable_boxes(read_mot(seq / "det.txt", "detections")), read_mot(seq / "gt.txt", "ground truth")
+    flat, frames, labels = np.concatenate([f for f in feats if len(f)]), det.frame, np.full(len(det), -1)
+    for t in np.unique(frames):
+        d, g = np.flatnonzero(frames == t), np.flatnonzero(gt.frame == t)
+        if len(g):
+            iou = _iou(det.xyxy[d], gt.xyxy[g])
+            best = iou.argmax(1)
+            labels[d] = np.where(iou[np.arange(len(d)), best] >= 0.5, gt.ids[g][best], -1)
+    keep = np.flatnonzero(labels >= 0)
+    rng = np.random.default_rng(0)
+    a, b = rng.choice(keep, pairs), rng.choice(keep, pairs)
+    far = np.abs(frames[a] - frames[b]) >= gap
+    a, b = a[far], b[far]
+    norm = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    sim, same = (norm[a] * norm[b]).sum(1), labels[a] == labels[b]
+    ranks = sim.argsort().argsort() + 1.0  # Mann-Whitney U: AUC from the ranks of the positives
+    return float((ranks[same].sum() - same.sum() * (same.sum() + 1) / 2) / (same.sum() * (~same).sum()))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    w = (np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])).clip(0)
+    h = (np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])).clip(0)
+    area = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    return w * h / (area[:, None] + ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None, :] - w * h)
+
+
 def run(seq: Path, feats: list[np.ndarray] | None, settings: TrackerSettings) -> TrackingMetrics:
     """DeepSORT over ``seq`` with precomputed features (or none), scored against its gt.txt."""
     det, gt = read_mot(seq / "det.txt", "detections"), read_mot(seq / "gt.txt", "ground truth")
@@ -138,7 +171,7 @@ def main() -> None:
             if name.startswith("(c)"):
                 chosen = settings
         default = run(test, test_feats, TrackerSettings())
-        results[name] = (settings, run(test, test_feats, settings), default, speed)
+        results[name] = (settings, run(test, test_feats, settings), default, speed, separability(test, test_feats))
         r = results[name][1]
         print(f"  {name}: max_age {settings.max_age}, max_cosine_distance {settings.max_cosine_distance}: "
               f"{r.summary()}", flush=True)
@@ -146,13 +179,13 @@ def main() -> None:
     print(f"\ntest sequence (seed 0, {read_mot(test / 'gt.txt', 'ground truth').num_frames} frames); "
           "settings chosen on the validation sequence (seed 1)")
     print("| method | max_age | max_cos | IDF1 | ID sw | HOTA | AssA | DetA | MOTA | IDF1 / ID sw with the defaults "
-          "(30, 0.2) | crops/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, (s, r, d, speed) in results.items():
+          "(30, 0.2) | crops/s | same-person AUC |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, (s, r, d, speed, auc) in results.items():
         cos = f"{s.max_cosine_distance}" if methods[name] is not None else "-"
         print(f"| {name} | {s.max_age} | {cos} | {100 * r.idf1:.1f} | {r.id_switches} | {100 * r.hota:.1f} | "
               f"{100 * r.assa:.1f} | {100 * r.deta:.1f} | {100 * r.mota:.1f} | {100 * d.idf1:.1f} / {d.id_switches} | "
-              f"{f'{speed:.0f}' if speed else '-'} |")
+              f"{f'{speed:.0f}' if speed else '-'} | {'-' if auc is None else f'{auc:.3f}'} |")
     a, b = results["(a) none"][1], results["(b) colour histogram"][1]
     c_name = next(n for n in results if n.startswith("(c)"))
     c = results[c_name][1]
