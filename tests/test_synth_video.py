@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from cgpn.errors import ConfigError
+from cgpn.files import FOLDER_MARKER
 from cgpn.track.synth_video import MARKER, PRESETS, SyntheticVideoSpec, generate_synthetic_video
 from serve_helpers import cli, error_line
 
@@ -20,8 +21,9 @@ TINY = PRESETS["tiny"]
 
 
 def _digest(root: Path) -> dict[str, str]:
+    """sha256 of every file but the folder marker, which records when the folder was written."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != FOLDER_MARKER}
 
 
 def _load(path: Path) -> np.ndarray:
