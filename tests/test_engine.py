@@ -416,6 +416,7 @@ def test_cpu_bf16_is_not_used_where_a_strided_conv_sees_a_one_pixel_wide_input(t
     with pytest.raises(ConfigError, match=r"engine.precision=bf16: at data.width=16 .*layer4.0.conv1"):
         train(load_config(None, tiny_overrides(tiny_synth, tmp_path / "bf16", **{
             "model.name": "mgn", "engine.precision": "bf16", "solver.epochs": 1})))
+    assert not (tmp_path / "bf16" / "config.yaml").exists()  # refused before the run folder is written
     if resolve_precision_auto_is_bf16():
         with caplog.at_level("INFO", logger="cgpn"):
             train(load_config(None, tiny_overrides(tiny_synth, tmp_path / "auto", **{

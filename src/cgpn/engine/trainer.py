@@ -444,14 +444,14 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None,
     elif finetune:
         load_weights(model, load_checkpoint(finetune)["model"], source=finetune, skip_classifiers=True)
         logger.info("fine-tuning from %s (identity classifiers start anew)", finetune)
+    if precision.name == "bf16" and device.type == "cpu":  # before anything is written to the run folder
+        precision = _cpu_bf16_or_fp32(model, cfg, precision)
     if env.is_main:
         check_run_dir(out, _checkpoint_bytes(model, cfg.solver) * (e.keep_last + 2))
         if not locked:
             _lock_run_folder(out, held)
             _check_no_other_run(out, state)  # again: a run that ended before the lock was taken may have written here
         save_config(cfg, out / "config.yaml")
-    if precision.name == "bf16" and device.type == "cpu":
-        precision = _cpu_bf16_or_fp32(model, cfg, precision)
     if e.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if e.channels_last else torch.contiguous_format)
