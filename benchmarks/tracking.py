@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 
 from cgpn.config import TrackerSettings
 from cgpn.engine.precision import machine_description
@@ -107,7 +108,7 @@ def separability(seq: Path, feats: list[np.ndarray] | None, gate: float, gap: in
     for t in np.unique(frames):
         d, g = np.flatnonzero(frames == t), np.flatnonzero(gt.frame == t)
         if len(g):
-            iou = _iou(det.xyxy[d], gt.xyxy[g])
+            iou = box_iou(torch.from_numpy(det.xyxy[d]), torch.from_numpy(gt.xyxy[g])).numpy()
             best = iou.argmax(1)
             labels[d] = np.where(iou[np.arange(len(d)), best] >= 0.5, gt.ids[g][best], -1)
     keep = np.flatnonzero(labels >= 0)
@@ -121,13 +122,6 @@ def separability(seq: Path, feats: list[np.ndarray] | None, gate: float, gap: in
     auc = (ranks[same].sum() - same.sum() * (same.sum() + 1) / 2) / (same.sum() * (~same).sum())
     under = 1 - sim < gate
     return float(auc), float(under[~same].mean()), float(under[same].mean())
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    w = (np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])).clip(0)
-    h = (np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])).clip(0)
-    area = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    return w * h / (area[:, None] + ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None, :] - w * h)
 
 
 def run(seq: Path, feats: list[np.ndarray] | None, settings: TrackerSettings) -> TrackingMetrics:
