@@ -247,6 +247,8 @@ def main() -> None:
     n, d = args.gallery, args.dim
     print(f"machine: {machine_description()}; faiss {import_faiss().__version__}")
     print(f"load average at start: {os.getloadavg()[0]:.2f} (other jobs share this machine)")
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         checkpoint = args.checkpoint or str(make_checkpoint(Path(tmp) / "cgpn_r18.pt", num_classes=751, height=128,
                                                             width=64))  # the demo's network, untrained
