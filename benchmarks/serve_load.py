@@ -11,7 +11,9 @@ script prints that bound (fp32 sgemm measured here, with the server's thread cou
 feature-query throughput to it, FAISS's own exact search (IndexFlatIP) on the same file as a peer, cgpn's
 search of 32 queries in this process (what the server's batches run, without HTTP), the same server with
 batching off (``--max-batch 1``), and the time one pass over the gallery takes at this machine's memory
-read rate (the least latency any exact fp32 search can have).
+read rate (the least latency any exact fp32 search can have), and the time of a search of 1 and of 4 queries
+with an fp32 pass and with the bf16 first pass the server takes for them on CPUs with native bf16 (half the
+bytes read, the same results: ``cgpn.retrieval.exact``).
 
     python benchmarks/serve_load.py                                    # untrained CGPN-R18 at 128 x 64 (the demo's)
     python benchmarks/serve_load.py --checkpoint runs/demo/last.pt --seconds 20 --clients 1,4,32
@@ -281,6 +283,16 @@ def main() -> None:
         t0 = time.perf_counter()
         gallery.search(queries, args.topk)
         kernel_qps = 32 / (time.perf_counter() - t0)
+        few = {}  # ms per search of 1 and of 4 queries: fp32 pass, and the bf16 first pass when it is used
+        for first_pass in ("off", "auto"):
+            gallery.settings.first_pass = first_pass
+            for count in (1, 4):
+                gallery.search(queries[:count], args.topk)
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    gallery.search(queries[:count], args.topk)
+                few[first_pass, count] = (time.perf_counter() - t0) / 3 * 1e3
+        bf16_used = gallery.first_pass(1) is not None
         del vectors, mapped, gallery
         print(f"bound: fp32 sgemm {rate:.0f} GFLOP/s ({args.threads} threads) / 2 N D = {2 * n * d / 1e9:.3f} GFLOP "
               f"per query -> {bound:.1f} queries/s")
@@ -290,6 +302,9 @@ def main() -> None:
               f"{faiss_one:.1f} queries/s one at a time")
         print(f"cgpn GalleryIndex.search in this process (no server), 32 at once: {kernel_qps:.1f} queries/s = "
               f"{100 * kernel_qps / bound:.0f} % of the bound")
+        print(f"  1 / 4 queries at once: fp32 pass {few['off', 1]:.0f} / {few['off', 4]:.0f} ms; " + (
+              f"bf16 first pass (proven bound, fp32 re-scoring) {few['auto', 1]:.0f} / {few['auto', 4]:.0f} ms"
+              if bf16_used else "no bf16 first pass here (first_pass=auto: no native bf16, or a small gallery)"))
 
         image = query_image()
         bodies = feature_bodies(d, args.topk)
@@ -297,7 +312,9 @@ def main() -> None:
         print(f"server: {server.lines[-1]}")
         health = asyncio.run(_health(server.url))
         model = health["model"]
-        print(f"search: exact fp32 (one BLAS matrix multiply per batch), {args.threads} threads; image queries: "
+        search = ("exact: up to 8 queries from a bf16 first pass, more in one fp32 matrix multiply" if health["first_pass"]
+                  else "exact fp32 (one BLAS matrix multiply per batch)")
+        print(f"search: {search}, {args.threads} threads; image queries: "
               f"{model['name']} at {model['input_size'][0]} x {model['input_size'][1]}, flip-averaged, backend "
               f"{model['backend']} on {model['device']}")
         phases: list[Phase] = []

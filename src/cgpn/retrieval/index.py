@@ -1,7 +1,8 @@
 """A searchable gallery: FAISS inner-product index over L2-normalised features, so scores are cosines.
 
 ``flat`` is exact: a brute-force ``queries @ gallery.T`` done as one matrix multiply per batch of queries
-(PyTorch's BLAS; FAISS's own flat kernel ran 10x slower on 32 queries on a 2-core AVX-512 CPU); ``ivf`` (inverted lists) and ``ivfpq``
+(PyTorch's BLAS; FAISS's own flat kernel ran 10x slower on 32 queries on a 2-core AVX-512 CPU), for a few
+queries on a large gallery from a bf16 first pass with a proven error bound (``retrieval.exact``); ``ivf`` (inverted lists) and ``ivfpq``
 (inverted lists + product quantisation, ``pq_m`` codes of ``pq_bits`` bits per feature) are approximate and scale to
 galleries of millions. The index file (``gallery.faiss``) is the FAISS index followed by its metadata: the image
 paths, pids / camids when known, the feature size and the checkpoint that made them (see ``GalleryIndex.save``).
@@ -24,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cgpn.config import INDEX_KINDS, IndexSettings
+from cgpn.config import FIRST_PASSES, INDEX_KINDS, IndexSettings
 from cgpn.errors import ConfigError, DependencyError, IndexFileError
 from cgpn.files import atomic_path, describe_file, other_name, reading
+from cgpn.retrieval.exact import Bf16FirstPass, exact_search
 from cgpn.retrieval.features import FeatureFile
 
 __all__ = ["INDEX_KINDS", "GalleryIndex", "IndexSettings", "import_faiss"]
@@ -61,6 +63,9 @@ class GalleryIndex:
                  checkpoint: str, settings: IndexSettings) -> None:
         self.index, self.paths, self.pids, self.camids = index, paths, pids, camids
         self.checkpoint, self.settings = checkpoint, settings
+        self._bf16: Bf16FirstPass | None = None
+        if settings.first_pass not in FIRST_PASSES:
+            raise ConfigError(f"--first-pass must be one of {', '.join(FIRST_PASSES)}, got '{settings.first_pass}'")
         if settings.kind != "flat":  # on the CPU index, before any to_gpu (GPU clones copy it)
             if settings.nprobe < 1:
                 raise ConfigError(f"--nprobe must be at least 1, got {settings.nprobe}")
@@ -224,7 +229,7 @@ class GalleryIndex:
         k = min(topk, len(self))
         vectors = self._vectors()
         if vectors is not None:
-            return _exact_search(vectors, _normalized(queries), k, allowed)
+            return exact_search(vectors, _normalized(queries), k, allowed, self.first_pass(len(queries)))
         params = None
         if allowed is not None:
             faiss = import_faiss()
@@ -233,25 +238,20 @@ class GalleryIndex:
                       faiss.SearchParametersIVF(sel=selector, nprobe=self.settings.nprobe))
         return self.index.search(_normalized(queries), k, params=params)
 
+    def first_pass(self, queries: int = 1) -> Bf16FirstPass | None:
+        """The bf16 first pass an exact search of ``queries`` queries takes (``settings.first_pass``; made at
+        the first use, 2 bytes per stored value), or None: an fp32 pass, or not an exact index."""
+        vectors = self._vectors()
+        mode = self.settings.first_pass
+        if vectors is None or mode == "off" or (mode == "auto" and not Bf16FirstPass.pays(vectors, queries)):
+            return None
+        if self._bf16 is None:
+            self._bf16 = Bf16FirstPass(vectors)
+        return self._bf16
+
     def _vectors(self) -> torch.Tensor | None:
         """(N, D) view of an exact index's stored vectors (no copy), or None for an approximate or GPU index."""
         if not hasattr(self.index, "get_xb") or len(self) == 0:
             return None
         flat = import_faiss().rev_swig_ptr(self.index.get_xb(), len(self) * self.dim)
         return torch.from_numpy(flat).view(len(self), self.dim)
-
-
-def _exact_search(gallery: torch.Tensor, queries: np.ndarray, k: int,
-                  allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The k highest inner products of each query row with the (N, D) ``gallery``, as ``index.search`` gives
-    them: (Q, k) scores, highest first (ties: lower row first), and rows (-1 where fewer rows are allowed)."""
-    with torch.inference_mode():
-        scores = torch.from_numpy(queries) @ gallery.T  # (Q, N): 2 N D flops per query, one BLAS call
-        if allowed is not None:
-            scores[:, ~torch.from_numpy(np.asarray(allowed, dtype=bool))] = -np.inf
-        top = torch.topk(scores, k, dim=1)
-    values, rows = top.values.numpy(), top.indices.numpy()
-    order = np.lexsort((rows, -values), axis=1)  # topk leaves the order of equal scores unspecified
-    values, rows = np.take_along_axis(values, order, 1), np.take_along_axis(rows, order, 1)
-    missing = ~np.isfinite(values)
-    return np.where(missing, -np.finfo(np.float32).max, values), np.where(missing, -1, rows)

@@ -70,6 +70,8 @@ class Health(BaseModel):
     gallery_size: int
     dim: int = Field(..., description="feature size; a feature query must have this many values")
     index_kind: str = Field(..., description="flat (exact), ivf or ivfpq (approximate)")
+    first_pass: bool = Field(..., description="flat: a search of one query starts from bf16 scores with a proven "
+                             "error bound (the same results as fp32, half the memory read)")
     cameras: list[int] = Field(..., description="camids present in the gallery (empty: names carry none)")
     queries: int = Field(..., description="images of the --queries folder (0: none given)")
     max_topk: int

@@ -1,0 +1,130 @@
+"""The bf16 first pass of exact search (retrieval.exact): the same results as a float64 brute force and as
+FAISS's IndexFlatIP, on galleries made to defeat it (near-ties below bf16's resolution, rows of unequal
+length, camera filters that leave fewer than k rows), and a safe fall-back where its bound cannot hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from cgpn.errors import ConfigError
+from cgpn.retrieval import FeatureFile, GalleryIndex, IndexSettings
+from cgpn.retrieval import exact as exact_module
+from cgpn.retrieval.exact import Bf16FirstPass, exact_search
+
+
+def _unit(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _brute_force(gallery: np.ndarray, queries: np.ndarray, k: int, allowed: np.ndarray | None = None):
+    """Rows of the k highest float64 inner products (allowed rows only), highest first."""
+    scores = queries.astype(np.float64) @ gallery.astype(np.float64).T
+    if allowed is not None:
+        scores[:, ~allowed] = -np.inf
+    rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.where(np.isfinite(np.take_along_axis(scores, rows, 1)), rows, -1)
+
+
+def _near_ties(d: int = 256, n: int = 5000, ties: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A query, and a gallery where ``ties`` rows score within 6e-4 of each other (bf16 resolves about 4e-3
+    at a score of 1), 1e-5 apart: only fp32 can order them."""
+    rng = np.random.default_rng(seed)
+    query = _unit(1, d, seed + 1)
+    other = rng.standard_normal((ties, d)).astype(np.float64)
+    other -= (other @ query[0].astype(np.float64))[:, None] * query[0]  # orthogonal to the query
+    other /= np.linalg.norm(other, axis=1, keepdims=True)
+    cos = 0.95 - 1e-5 * rng.permutation(ties)  # distinct, 1e-5 apart
+    close = cos[:, None] * query[0] + np.sqrt(1 - cos[:, None] ** 2) * other
+    gallery = np.concatenate([_unit(n - ties, d, seed + 2) * 0.5, close]).astype(np.float32)  # random rows score low
+    gallery = gallery[rng.permutation(n)]
+    return gallery / np.linalg.norm(gallery, axis=1, keepdims=True), query
+
+
+@pytest.fixture
+def full_scans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Shapes of the fp32 score matrices ranked in full: a first pass that did its job leaves none."""
+    shapes: list[tuple[int, int]] = []
+    ranked = exact_module._top
+
+    def spy(scores: torch.Tensor, k: int, mask: torch.Tensor | None):
+        shapes.append(tuple(scores.shape))
+        return ranked(scores, k, mask)
+
+    monkeypatch.setattr(exact_module, "_top", spy)
+    return shapes
+
+
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_first_pass_equals_brute_force_and_faiss(k: int, full_scans: list) -> None:
+    gallery, queries = _unit(20_000, 256, 0), _unit(8, 256, 1)
+    first = Bf16FirstPass(torch.from_numpy(gallery))
+    assert first.usable
+    scores, rows = exact_search(torch.from_numpy(gallery), queries, k, first_pass=first)
+    assert full_scans == []
+    np.testing.assert_array_equal(rows, _brute_force(gallery, queries, k))
+    peer = faiss.IndexFlatIP(256)
+    peer.add(gallery)
+    peer_scores, peer_rows = peer.search(queries, k)
+    np.testing.assert_array_equal(rows, peer_rows)
+    np.testing.assert_allclose(scores, peer_scores, atol=1e-6)
+
+
+def test_first_pass_orders_rows_closer_than_bf16_can_tell_apart(full_scans: list) -> None:
+    gallery, query = _near_ties()
+    first = Bf16FirstPass(torch.from_numpy(gallery))
+    low = torch.nn.functional.linear(torch.from_numpy(query).bfloat16(), torch.from_numpy(gallery).bfloat16())
+    top60 = _brute_force(gallery, query, 60)[0]
+    assert len(np.unique(low[0, top60].float().numpy())) < 30  # the bf16 scores alone cannot rank these rows
+    _, rows = exact_search(torch.from_numpy(gallery), query, 60, first_pass=first)
+    np.testing.assert_array_equal(rows[0], top60)
+    assert full_scans == []
+
+
+def test_first_pass_with_rows_of_unequal_length_and_a_camera_filter(full_scans: list) -> None:
+    """The bound scales with the rows' lengths; a filter leaving fewer than k rows pads with -1 as FAISS does."""
+    rng = np.random.default_rng(3)
+    gallery = _unit(6000, 128, 4) * rng.uniform(0.2, 3.0, (6000, 1)).astype(np.float32)
+    queries = _unit(5, 128, 5) * np.float32(7.0)
+    first = Bf16FirstPass(torch.from_numpy(gallery))
+    for allowed in (rng.random(6000) < 0.3, np.arange(6000) < 4):
+        _, rows = exact_search(torch.from_numpy(gallery), queries, 10, allowed, first_pass=first)
+        np.testing.assert_array_equal(rows, _brute_force(gallery, queries, 10, allowed))
+    assert (rows[:, 4:] == -1).all()
+    assert full_scans == [(1, 6000)] * 5  # 4 allowed rows, k 10: each query ranked in full
+
+
+def test_a_bf16_multiply_that_does_not_sum_in_fp32_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound assumes fp32 sums; a kernel summing in bf16 is caught at construction and the search stays fp32."""
+    def bf16_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.bfloat16)
+        for start in range(0, a.shape[1], 16):  # partial sums rounded to bf16
+            out = (out.float() + a[:, start:start + 16].float() @ b[:, start:start + 16].float().T).bfloat16()
+        return out
+
+    gallery, query = _near_ties(d=128, n=3000)
+    monkeypatch.setattr(exact_module.torch.nn.functional, "linear", bf16_sums)
+    first = Bf16FirstPass(torch.from_numpy(gallery))
+    assert not first.usable
+    _, rows = exact_search(torch.from_numpy(gallery), query, 60, first_pass=first)
+    np.testing.assert_array_equal(rows, _brute_force(gallery, query, 60))
+
+
+def test_index_first_pass_setting(tmp_path: Path) -> None:
+    """first_pass is kept in the index file; bf16 is used when asked, auto leaves small galleries fp32,
+    and both give the brute force's rows; an unknown value is a ConfigError."""
+    gallery, queries = _unit(3000, 64, 6), _unit(4, 64, 7)
+    GalleryIndex.build(FeatureFile([f"{i}.jpg" for i in range(3000)], gallery),
+                       IndexSettings(first_pass="bf16")).save(tmp_path / "g.faiss")
+    index = GalleryIndex.load(tmp_path / "g.faiss", mmap=True)
+    assert index.settings.first_pass == "bf16" and isinstance(index.first_pass(4), Bf16FirstPass)
+    np.testing.assert_array_equal(index.search(queries, 20)[1], _brute_force(gallery, queries, 20))
+    index.settings.first_pass = "auto"
+    assert index.first_pass(1) is None  # 192,000 values: below BF16_MIN_VALUES
+    with pytest.raises(ConfigError, match="--first-pass must be one of auto, bf16, off, got 'int8'"):
+        GalleryIndex.build(FeatureFile(["a.jpg"], gallery[:1]), IndexSettings(first_pass="int8"))
