@@ -69,7 +69,8 @@ class Bf16FirstPass:
         low = queries.to(torch.bfloat16)
         q_err = (queries.double() - low.double()).norm(dim=1, keepdim=True)
         q_norm = low.double().norm(dim=1, keepdim=True)
-        fixed = q_err * self.row_norm + q_norm * self.row_error + self.sum_error * q_norm * self.low_norm
+        larger = torch.maximum(q_norm, queries.double().norm(dim=1, keepdim=True)) * max(self.row_norm, self.low_norm)
+        fixed = q_err * self.row_norm + q_norm * self.row_error + self.sum_error * larger  # both sums: fp32, bf16
         scores = torch.nn.functional.linear(low, self.vectors).float()
         # 1e-6 of margin, relative and absolute: the fp32 arithmetic of the bound itself (an ulp of 1 is 1.2e-7)
         slack = scores.abs() * (_UNIT / (1 - _UNIT) + 1e-6) + fixed.float() * (1 + 1e-6) + 1e-6
