@@ -23,21 +23,25 @@ from tqdm import tqdm
 
 from cgpn.engine.checkpoint import Checkpointer
 from cgpn.engine.distributed import DistEnv, any_rank
+from cgpn.engine.timing import format_shares
 from cgpn.errors import CgpnError
 from cgpn.metrics.rank import RankResult
 
 if TYPE_CHECKING:
     from cgpn.engine.trainer import Trainer
 
-__all__ = ["Evaluator", "FinalTest", "HookBase", "LRScheduler", "MetricsLogger", "PeriodicCheckpoint", "StopOnSignal"]
+__all__ = ["Evaluator", "FinalTest", "HookBase", "LRScheduler", "MetricsLogger", "PeriodicCheckpoint", "StopOnSignal",
+           "TimeShares"]
 
 logger = logging.getLogger(__name__)
 
 
 class HookBase:
-    """A no-op at every point; subclasses override the points they need. ``trainer`` is set by the Trainer."""
+    """A no-op at every point; subclasses override the points they need. ``trainer`` is set by the Trainer;
+    the time its calls take is counted as ``phase`` (``cgpn.engine.timing.PHASES``)."""
 
     trainer: Trainer
+    phase = "other"
 
     def before_train(self) -> None:
         pass
@@ -113,6 +117,8 @@ class Evaluator(HookBase):
     selected on the test set, and a warning says so once.
     """
 
+    phase = "evaluation"
+
     def __init__(self, evaluate: Callable[[], RankResult], period: int, at_start: bool, env: DistEnv,
                  split: str = "test") -> None:
         self.evaluate, self.period, self.at_start, self.env, self.split = evaluate, period, at_start, env, split
@@ -162,6 +168,8 @@ class FinalTest(HookBase):
     earlier best epoch (the current weights are used when the last epoch is the best).
     """
 
+    phase = "evaluation"
+
     def __init__(self, evaluate: Callable[[torch.nn.Module], RankResult],
                  load_best: Callable[[], dict[str, torch.Tensor]], env: DistEnv) -> None:
         self.evaluate, self.load_best, self.env = evaluate, load_best, env
@@ -199,6 +207,8 @@ def scalars(split: str, result: RankResult) -> dict[str, float]:
 class PeriodicCheckpoint(HookBase):
     """Saves (rank 0) every ``epoch_period`` epochs, after the last and best epochs, every ``step_period``
     iterations inside an epoch (0: never), and when a stop was requested."""
+
+    phase = "checkpoint"
 
     def __init__(self, checkpointer: Checkpointer, epoch_period: int, step_period: int, env: DistEnv) -> None:
         self.checkpointer, self.epoch_period, self.step_period, self.env = checkpointer, epoch_period, step_period, env
@@ -309,3 +319,15 @@ class MetricsLogger(HookBase):
     def after_train(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class TimeShares(HookBase):
+    """Logs after each epoch the share of its time each phase took (data, forward, backward, optimizer,
+    evaluation, checkpoint, other): where to look first when training is slow. Register it last, so that
+    the epoch's evaluation and checkpoint are counted."""
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        seconds = t.clock.take()
+        logger.info("epoch %d/%d time: %s of %.1f s", t.epoch, t.max_epochs, format_shares(seconds),
+                    sum(seconds.values()))

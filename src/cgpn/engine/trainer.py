@@ -63,9 +63,11 @@ from cgpn.engine.hooks import (
     MetricsLogger,
     PeriodicCheckpoint,
     StopOnSignal,
+    TimeShares,
 )
 from cgpn.engine.inference import resolve_device
 from cgpn.engine.precision import Precision, one_pixel_wide_strided_convs, resolve_precision
+from cgpn.engine.timing import PhaseClock
 from cgpn.errors import ConfigError, TrainingDivergedError
 from cgpn.files import lock_folder
 from cgpn.losses import CGPNLoss
@@ -161,6 +163,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.last_terms: dict[str, float] = {}
         self.last_batch_size = 0
+        self.clock = PhaseClock(device)  # time per phase (data, forward, ..., each hook's phase); TimeShares logs it
         self._sums: dict[str, float] = {}  # loss terms summed over the current epoch
 
     def register(self, *hooks: HookBase) -> None:
@@ -170,7 +173,8 @@ class Trainer:
 
     def _call(self, point: str) -> None:
         for hook in self.hooks:
-            getattr(hook, point)()
+            with self.clock.phase(hook.phase):
+                getattr(hook, point)()
 
     @property
     def lr(self) -> float:
@@ -185,7 +189,7 @@ class Trainer:
             while self.epoch < self.max_epochs:
                 self.loader.batch_sampler.set_epoch(self.epoch, self.batch)
                 self._call("before_epoch")
-                for images, pids, *_ in self.loader:
+                for images, pids, *_ in self.clock.timed("data", self.loader):
                     self._call("before_step")
                     self.run_step(images, pids)
                     self._call("after_step")
@@ -214,12 +218,13 @@ class Trainer:
 
     def run_step(self, images: torch.Tensor, pids: torch.Tensor) -> None:
         """One iteration: forward (autocast), fp32 losses, a finite check, backward and optimizer step."""
-        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        pids = pids.to(self.device, non_blocking=True)
-        with self.precision.autocast():
-            output = self.train_model(images)
-        loss, terms = self.criterion(output, pids)  # outside autocast: the losses cast to fp32
-        terms["total"] = float(loss.detach())
+        with self.clock.phase("forward"):
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            pids = pids.to(self.device, non_blocking=True)
+            with self.precision.autocast():
+                output = self.train_model(images)
+            loss, terms = self.criterion(output, pids)  # outside autocast: the losses cast to fp32
+            terms["total"] = float(loss.detach())
         bad = next((k for k, v in terms.items() if not math.isfinite(v)), None)
         if any_rank(bad is not None, self.env, self.device):
             what = f"loss term '{bad}' is {terms[bad]}" if bad else "a loss term is not finite on another process"
@@ -227,10 +232,12 @@ class Trainer:
                 f"{what} at epoch {self.epoch + 1}, iteration {self.batch + 1} (step {self.step + 1}); stopped "
                 f"before that update; last good checkpoint: {self.last_checkpoint or 'none yet'} "
                 f"(try a lower solver.lr, solver.warmup_epochs or engine.precision=fp32)")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with self.clock.phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        with self.clock.phase("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.batch, self.step = self.batch + 1, self.step + 1
         for k, v in terms.items():
             self._sums[k] = self._sums.get(k, 0.0) + v
@@ -491,6 +498,8 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None,
         trainer.register(FinalTest(lambda net: evaluate_model(net, dataset, cfg, device, "test"),
                                    lambda: load_checkpoint(checkpointer.best)["model"], env))
     trainer.register(PeriodicCheckpoint(checkpointer, e.checkpoint_period, e.checkpoint_steps, env))
+    if env.is_main:
+        trainer.register(TimeShares())  # last: the epoch's evaluation and checkpoint are in its figures
     try:
         if state is not None:
             trainer.load_state_dict(state, str(ckpt_path))  # last: restores the RNG states too
