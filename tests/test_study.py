@@ -131,3 +131,21 @@ def test_cli_dry_run_prints_the_plan(grid_file, tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.startswith("study: 1 settings x 2 seeds = 2 runs, 0 finished; ETA ")
     assert not (tmp_path / "o").exists()
+
+
+def test_eta_of_other_seeds_comes_from_the_finished_seeds(finished, grid_file, monkeypatch):
+    """``--seeds 1`` on a folder where seed 0 finished: the ETA is seed 0's time, no step is timed."""
+    _grid, out, records = finished
+    monkeypatch.setattr(study, "_step_seconds", lambda cfg: pytest.fail("timed a probe"))
+    lines = []
+    only_seed_1 = study.load_grid(grid_file, seeds=[1])
+    for row in only_seed_1.rows:  # seed 1 not finished: its records set aside
+        (out / row / "seed1" / "study.json").rename(out / row / "seed1" / "study.json.kept")
+    try:
+        study.run_study(only_seed_1, out, dry_run=True, report=lines.append)
+    finally:
+        for row in only_seed_1.rows:
+            (out / row / "seed1" / "study.json.kept").rename(out / row / "seed1" / "study.json")
+    seconds = {r.row: r.seconds for r in records if r.seed == 0}
+    assert f"ETA {study._duration(sum(seconds.values()))}" in lines[0]
+    assert all(f"{row} ~{study._duration(t)}" in lines[0] for row, t in seconds.items())

@@ -262,7 +262,8 @@ def run_study(grid: Grid, out: str | Path, dry_run: bool = False,
     done = [r for r in (read_record(grid, row, seed, out) for row, seed in plan) if r is not None]
     finished = {(r.row, r.seed) for r in done}
     todo = [key for key in plan if key not in finished]
-    estimates = estimate_seconds(grid, todo, done, out) if todo else {}
+    timed = done + _other_seeds_finished(grid, out, plan)  # a row's time does not depend on its seed
+    estimates = estimate_seconds(grid, todo, timed, out) if todo else {}
     report(f"study: {len(grid.rows)} settings x {len(grid.seeds)} seeds = {len(plan)} runs, {len(done)} finished; "
            f"ETA {_duration(sum(estimates[r] for r, _ in todo))} on {machine_description(_device())} "
            f"({', '.join(f'{row} ~{_duration(s)}' for row, s in estimates.items()) or 'nothing to run'})")
@@ -272,7 +273,8 @@ def run_study(grid: Grid, out: str | Path, dry_run: bool = False,
         report(f"[{i}/{len(todo)}] {row}, seed {seed} -> {out / row / f'seed{seed}'}")
         record = run_one(grid, row, seed, out)
         done.append(record)
-        estimates[row] = float(np.mean([r.seconds for r in done if r.row == row]))
+        timed.append(record)
+        estimates[row] = float(np.mean([r.seconds for r in timed if r.row == row]))
         left = sum(estimates[r] for r, _ in todo[i:])
         report(f"[{i}/{len(todo)}] {row}, seed {seed}: Rank-1 {100 * record.rank1:.1f}  mAP {100 * record.mAP:.1f} "
                f"({_duration(record.seconds)}); ETA {_duration(left)}")
@@ -280,6 +282,17 @@ def run_study(grid: Grid, out: str | Path, dry_run: bool = False,
     if not todo and done:
         write_outputs(grid, done, out)
     return done
+
+
+def _other_seeds_finished(grid: Grid, out: Path, plan: list[tuple[str, int]]) -> list[RunRecord]:
+    """Finished runs under ``out`` of the grid's rows with seeds left out of ``plan`` (``--seeds``)."""
+    found = []
+    for row in grid.rows:
+        for folder in sorted((out / row).glob("seed*")):
+            seed = folder.name.removeprefix("seed")
+            if seed.isdigit() and (row, int(seed)) not in plan:
+                found.append(read_record(grid, row, int(seed), out))
+    return [r for r in found if r is not None]
 
 
 def _columns(grid: Grid) -> list[tuple[str, Callable[[RunRecord], float | None]]]:
