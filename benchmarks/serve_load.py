@@ -12,9 +12,9 @@ script prints that bound (fp32 sgemm measured here, with the server's thread cou
 feature-query throughput to it, FAISS's own exact search (IndexFlatIP) on the same file as a peer, cgpn's
 search of 32 queries in this process (what the server's batches run, without HTTP), the same server with
 batching off (``--max-batch 1``), and the time one pass over the gallery takes at this machine's memory
-read rate (the least latency any exact fp32 search can have), and the time of a search of 1 and of 4 queries
-with an fp32 pass and with the bf16 first pass the server takes for them on CPUs with native bf16 (half the
-bytes read, the same results: ``cgpn.retrieval.exact``).
+read rate (the least latency any exact fp32 search can have), and the time of a search of 1, 4 and 32
+queries with an fp32 pass and with the int8 and bf16 first passes (a quarter and half of the bytes read, the
+same results: ``cgpn.retrieval.exact``; the server takes the one ``first_pass=auto`` picks on this CPU).
 
     python benchmarks/serve_load.py                                    # untrained CGPN-R18 at 128 x 64 (the demo's)
     python benchmarks/serve_load.py --checkpoint runs/demo/last.pt --seconds 20 --clients 1,4,32
@@ -176,14 +176,17 @@ class Phase:
     first_error: str = ""
     searches: int = 0
     batches: int = 0
+    search_seconds: float = 0.0  # the server's time in index searches
     client_cpu: float = 0.0
 
     def row(self) -> str:
         lat = np.array(self.latencies) * 1e3 if self.latencies else np.array([np.nan])
         mean_batch = self.searches / self.batches if self.batches else float("nan")
+        per_search = 1e3 * self.search_seconds / self.batches if self.batches else float("nan")
         return (f"| {self.kind} | {self.clients} | {len(self.latencies):,} | {len(self.latencies) / self.seconds:.1f} "
                 f"| {np.percentile(lat, 50):.1f} | {np.percentile(lat, 99):.1f} | {self.errors} | {mean_batch:.1f} "
-                f"| {100 * self.client_cpu / self.seconds:.0f} % |")
+                f"| {per_search:.0f} ms, {100 * self.search_seconds / self.seconds:.0f} % | "
+                f"{100 * self.client_cpu / self.seconds:.0f} % |")
 
     @property
     def rate(self) -> float:
@@ -258,6 +261,7 @@ async def run_phase(url: str, kind: str, clients: int, seconds: float, bodies: l
     phase.client_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     phase.searches = after["searches"] - before["searches"]
     phase.batches = after["search_batches"] - before["search_batches"]
+    phase.search_seconds = after["search_seconds"] - before["search_seconds"]
     return phase
 
 
@@ -314,16 +318,17 @@ def main() -> None:
         t0 = time.perf_counter()
         gallery.search(queries, args.topk)
         kernel_qps = 32 / (time.perf_counter() - t0)
-        few = {}  # ms per search of 1 and of 4 queries: fp32 pass, and the bf16 first pass when it is used
-        for first_pass in ("off", "auto"):
+        few = {}  # ms per search of 1, 4 and 32 queries: fp32 pass, int8 and bf16 first passes
+        for first_pass in ("off", "int8", "bf16"):
             gallery.settings.first_pass = first_pass
-            for count in (1, 4):
+            for count in (1, 4, 32):
                 gallery.search(queries[:count], args.topk)
                 t0 = time.perf_counter()
                 for _ in range(3):
                     gallery.search(queries[:count], args.topk)
                 few[first_pass, count] = (time.perf_counter() - t0) / 3 * 1e3
-        bf16_used = gallery.first_pass(1) is not None
+        gallery.settings.first_pass = "auto"
+        auto = {count: (chosen.name if (chosen := gallery.first_pass(count)) else "fp32") for count in (1, 4, 32)}
         del vectors, mapped, gallery
         print(f"bound: fp32 sgemm {rate:.0f} GFLOP/s ({args.threads} threads) / 2 N D = {2 * n * d / 1e9:.3f} GFLOP "
               f"per query -> {bound:.1f} queries/s")
@@ -333,9 +338,10 @@ def main() -> None:
               f"{faiss_one:.1f} queries/s one at a time")
         print(f"cgpn GalleryIndex.search in this process (no server), 32 at once: {kernel_qps:.1f} queries/s = "
               f"{100 * kernel_qps / bound:.0f} % of the bound")
-        print(f"  1 / 4 queries at once: fp32 pass {few['off', 1]:.0f} / {few['off', 4]:.0f} ms; " + (
-              f"bf16 first pass (proven bound, fp32 re-scoring) {few['auto', 1]:.0f} / {few['auto', 4]:.0f} ms"
-              if bf16_used else "no bf16 first pass here (first_pass=auto: no native bf16, or a small gallery)"))
+        print("  ms per search of 1 / 4 / 32 queries at once: " + "; ".join(
+            f"{name} {few[key, 1]:.0f} / {few[key, 4]:.0f} / {few[key, 32]:.0f}"
+            for key, name in (("off", "fp32 pass"), ("int8", "int8 first pass"), ("bf16", "bf16 first pass")))
+            + f" (the server's auto: {' / '.join(auto.values())})")
 
         image = query_image()
         bodies = feature_bodies(d, args.topk)
@@ -343,7 +349,7 @@ def main() -> None:
         print(f"server: {server.lines[-1]}")
         health = asyncio.run(_health(server.url))
         model = health["model"]
-        search = ("exact: up to 8 queries from a bf16 first pass, more in one fp32 matrix multiply" if health["first_pass"]
+        search = (f"exact, from the {health['first_pass']} first pass" if health["first_pass"]
                   else "exact fp32 (one BLAS matrix multiply per batch)")
         print(f"search: {search}, {args.threads} threads; image queries: "
               f"{model['name']} at {model['input_size'][0]} x {model['input_size'][1]}, flip-averaged, backend "
@@ -369,8 +375,9 @@ def main() -> None:
                 server.stop()
 
     print()
-    print("| queries | clients | requests | req/s | p50 ms | p99 ms | errors | queries per search | load generator CPU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| queries | clients | requests | req/s | p50 ms | p99 ms | errors | queries per search | time per search, "
+          "share of the phase | load generator CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for phase in phases:
         print(phase.row())
     if unbatched:

@@ -1,6 +1,6 @@
-"""The bf16 first pass of exact search (retrieval.exact): the same results as a float64 brute force and as
-FAISS's IndexFlatIP, on galleries made to defeat it (near-ties below bf16's resolution, rows of unequal
-length, camera filters that leave fewer than k rows), and a safe fall-back where its bound cannot hold."""
+"""The int8 and bf16 first passes of exact search (retrieval.exact): the same results as a float64 brute force
+and as FAISS's IndexFlatIP, on galleries made to defeat them (near-ties below int8's and bf16's resolution, rows
+of unequal length, camera filters that leave fewer than k rows), and a safe fall-back where a bound cannot hold."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from cgpn.engine import precision
 from cgpn.errors import ConfigError
 from cgpn.retrieval import FeatureFile, GalleryIndex, IndexSettings
 from cgpn.retrieval import exact as exact_module
-from cgpn.retrieval.exact import Bf16FirstPass, exact_search
+from cgpn.retrieval.exact import Bf16FirstPass, Int8FirstPass, exact_search
+
+PASSES = [Int8FirstPass, Bf16FirstPass]
 
 
 def _unit(n: int, d: int, seed: int) -> np.ndarray:
@@ -60,10 +63,11 @@ def full_scans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     return shapes
 
 
+@pytest.mark.parametrize("kind", PASSES)
 @pytest.mark.parametrize("k", [1, 10, 100])
-def test_first_pass_equals_brute_force_and_faiss(k: int, full_scans: list) -> None:
+def test_first_pass_equals_brute_force_and_faiss(kind: type, k: int, full_scans: list) -> None:
     gallery, queries = _unit(20_000, 256, 0), _unit(8, 256, 1)
-    first = Bf16FirstPass(torch.from_numpy(gallery))
+    first = kind(torch.from_numpy(gallery))
     assert first.usable
     scores, rows = exact_search(torch.from_numpy(gallery), queries, k, first_pass=first)
     assert full_scans == []
@@ -75,23 +79,27 @@ def test_first_pass_equals_brute_force_and_faiss(k: int, full_scans: list) -> No
     np.testing.assert_allclose(scores, peer_scores, atol=1e-6)
 
 
-def test_first_pass_orders_rows_closer_than_bf16_can_tell_apart(full_scans: list) -> None:
+@pytest.mark.parametrize("kind", PASSES)
+def test_first_pass_orders_rows_closer_than_it_can_tell_apart(kind: type, full_scans: list) -> None:
     gallery, query = _near_ties()
-    first = Bf16FirstPass(torch.from_numpy(gallery))
-    low = torch.nn.functional.linear(torch.from_numpy(query).bfloat16(), torch.from_numpy(gallery).bfloat16())
+    first = kind(torch.from_numpy(gallery))
     top60 = _brute_force(gallery, query, 60)[0]
-    assert len(np.unique(low[0, top60].float().numpy())) < 30  # the bf16 scores alone cannot rank these rows
+    rough, _ = first.bounds(torch.from_numpy(query))
+    assert (np.diff(rough[0, top60].numpy()) >= 0).sum() > 20  # its scores alone tie or misorder many neighbours
     _, rows = exact_search(torch.from_numpy(gallery), query, 60, first_pass=first)
     np.testing.assert_array_equal(rows[0], top60)
     assert full_scans == []
 
 
-def test_first_pass_with_rows_of_unequal_length_and_a_camera_filter(full_scans: list) -> None:
-    """The bound scales with the rows' lengths; a filter leaving fewer than k rows pads with -1 as FAISS does."""
+@pytest.mark.parametrize("kind", PASSES)
+def test_first_pass_with_rows_of_unequal_length_and_a_camera_filter(kind: type, full_scans: list) -> None:
+    """The bound scales with the rows' lengths (zero rows included); a filter leaving fewer than k rows pads
+    with -1 as FAISS does."""
     rng = np.random.default_rng(3)
     gallery = _unit(6000, 128, 4) * rng.uniform(0.2, 3.0, (6000, 1)).astype(np.float32)
+    gallery[::500] = 0
     queries = _unit(5, 128, 5) * np.float32(7.0)
-    first = Bf16FirstPass(torch.from_numpy(gallery))
+    first = kind(torch.from_numpy(gallery))
     for allowed in (rng.random(6000) < 0.3, np.arange(6000) < 4):
         _, rows = exact_search(torch.from_numpy(gallery), queries, 10, allowed, first_pass=first)
         np.testing.assert_array_equal(rows, _brute_force(gallery, queries, 10, allowed))
@@ -115,16 +123,58 @@ def test_a_bf16_multiply_that_does_not_sum_in_fp32_is_not_used(monkeypatch: pyte
     np.testing.assert_array_equal(rows, _brute_force(gallery, query, 60))
 
 
-def test_index_first_pass_setting(tmp_path: Path) -> None:
-    """first_pass is kept in the index file; bf16 is used when asked, auto leaves small galleries fp32,
-    and both give the brute force's rows; an unknown value is a ConfigError."""
+def _saturating_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """An int8 kernel of the kind x86's u8 x s8 instruction (vpmaddubsw) makes: a shifted by 128 to unsigned,
+    pairs of products summed in int16 with saturation, then 128 times b's column sums taken off."""
+    pairs = (a.long() + 128)[:, None, :] * b.T.long()[None, :, :]
+    pairs = pairs.view(a.shape[0], b.shape[1], -1, 2).sum(-1).clamp(-2**15, 2**15 - 1)
+    return (pairs.sum(-1) - 128 * b.long().sum(0)).int()
+
+
+def test_an_int8_kernel_that_does_not_sum_exactly_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound assumes exact int32 sums; a kernel saturating in 16 bits is caught at construction, as are a
+    gallery holding NaN and a feature size whose int32 sums could overflow; the search stays exact."""
+    gallery, query = _near_ties(d=128, n=3000)
+    monkeypatch.setattr(exact_module.torch, "_int_mm", _saturating_int_mm)
+    first = Int8FirstPass(torch.from_numpy(gallery))
+    assert not first.usable
+    _, rows = exact_search(torch.from_numpy(gallery), query, 60, first_pass=first)
+    np.testing.assert_array_equal(rows, _brute_force(gallery, query, 60))
+    monkeypatch.undo()
+    assert Int8FirstPass(torch.from_numpy(gallery)).usable
+    broken = gallery.copy()
+    broken[7, 3] = np.nan
+    assert not Int8FirstPass(torch.from_numpy(broken)).usable
+    monkeypatch.setattr(exact_module, "INT8_MAX_DIM", 127)
+    assert not Int8FirstPass(torch.from_numpy(gallery)).usable
+
+
+@pytest.mark.parametrize("name", ["int8", "bf16"])
+def test_index_first_pass_setting(name: str, tmp_path: Path) -> None:
+    """first_pass is kept in the index file and used when asked, giving the brute force's rows; auto leaves
+    small galleries fp32; an unknown value is a ConfigError."""
     gallery, queries = _unit(3000, 64, 6), _unit(4, 64, 7)
     GalleryIndex.build(FeatureFile([f"{i}.jpg" for i in range(3000)], gallery),
-                       IndexSettings(first_pass="bf16")).save(tmp_path / "g.faiss")
+                       IndexSettings(first_pass=name)).save(tmp_path / "g.faiss")
     index = GalleryIndex.load(tmp_path / "g.faiss", mmap=True)
-    assert index.settings.first_pass == "bf16" and isinstance(index.first_pass(4), Bf16FirstPass)
+    assert index.settings.first_pass == name and index.first_pass(4).name == name
     np.testing.assert_array_equal(index.search(queries, 20)[1], _brute_force(gallery, queries, 20))
     index.settings.first_pass = "auto"
-    assert index.first_pass(1) is None  # 192,000 values: below BF16_MIN_VALUES
-    with pytest.raises(ConfigError, match="--first-pass must be one of auto, bf16, off, got 'int8'"):
-        GalleryIndex.build(FeatureFile(["a.jpg"], gallery[:1]), IndexSettings(first_pass="int8"))
+    assert index.first_pass(1) is None  # 192,000 values: below MIN_VALUES
+    with pytest.raises(ConfigError, match="--first-pass must be one of auto, int8, bf16, off, got 'fp16'"):
+        GalleryIndex.build(FeatureFile(["a.jpg"], gallery[:1]), IndexSettings(first_pass="fp16"))
+
+
+@pytest.mark.parametrize(("flags", "queries", "expected"), [
+    ({"avx512_vnni", "avx512_bf16"}, 32, "int8"), ({"avx_vnni"}, 1, "int8"), (set(), 4, "bf16"), (set(), 9, None)])
+def test_auto_takes_int8_on_cpus_with_int8_dot_products_else_bf16_for_few_queries(
+        flags: set, queries: int, expected: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto on a large gallery (MIN_VALUES lowered here): int8 where /proc/cpuinfo lists VNNI or AMX int8,
+    else bf16 for up to 8 queries on a CPU with native bf16, else the fp32 pass."""
+    monkeypatch.setattr(exact_module, "MIN_VALUES", 1000)
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("test CPU", frozenset(flags), 2))
+    monkeypatch.setattr(exact_module, "cpu_has_native_bf16", lambda: True)
+    gallery = _unit(500, 32, 8)
+    index = GalleryIndex.build(FeatureFile([f"{i}.jpg" for i in range(500)], gallery), IndexSettings())
+    chosen = index.first_pass(queries)
+    assert (chosen.name if chosen else None) == expected

@@ -272,6 +272,7 @@ def test_gallery_and_query_lists(client: TestClient, gallery: Gallery, ref: dict
     assert health["gallery_size"] == len(names) and health["dim"] == 3072  # 12 x 256 (Section 4.2)
     assert health["cameras"] == sorted({int(n.split("_c")[1][0]) - 1 for n in names})
     assert health["queries"] == len(list(gallery.queries.glob("*.jpg"))) and health["index_kind"] == "flat"
+    assert health["first_pass"] is None  # auto: a gallery this small is searched in one fp32 pass
     for i in (0, len(names) - 1):
         item = client.get(f"/api/gallery/{i}").json()
         assert item == {"id": i, "name": names[i], "pid": int(names[i][:4]), "camid": int(names[i][6]) - 1}
@@ -346,6 +347,7 @@ def test_bad_search_requests_get_one_line_and_the_server_keeps_serving(client: T
     body = answer.json()
     assert list(body) == ["detail"] and text in body["detail"], body
     assert "\n" not in body["detail"] and "Traceback" not in body["detail"]
+    assert answer.headers["x-content-type-options"] == "nosniff"  # refusals of BodyLimit included
     assert client.post("/api/search", json={"feature": [0.5] * 3072, "topk": 1}).status_code == 200
 
 
@@ -365,7 +367,8 @@ def test_bad_ids_get_one_line(client: TestClient, path: str, status: int, text: 
     answer = client.get(path)
     assert answer.status_code == status, answer.text
     assert text in answer.json()["detail"] and "root:" not in answer.text
-    assert client.get("/api/gallery/0/thumb").status_code == 200
+    thumb = client.get("/api/gallery/0/thumb")
+    assert thumb.status_code == 200 and thumb.headers["x-content-type-options"] == "nosniff"
 
 
 @pytest.mark.parametrize(("method", "path", "kwargs", "status", "text"), [

@@ -610,9 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pq-m", type=int, default=defaults.pq_m, help="ivfpq: sub-vectors per feature (divides D)")
     p.add_argument("--pq-bits", type=int, default=defaults.pq_bits, help="ivfpq: bits per sub-vector code")
     p.add_argument("--first-pass", choices=list(FIRST_PASSES), default=defaults.first_pass,
-                   help="flat: find each query's top k from bf16 scores with a proven error bound, then score those "
-                   "rows in fp32 (the same results, half the memory read; 2 bytes per value more memory); auto: "
-                   "on CPUs with native bf16, for galleries of 16M+ values and batches of up to 8 queries")
+                   help="flat: find each query's top k from int8 (or bf16) scores with a proven error bound, then "
+                   "score those rows in fp32 (the same results; a quarter (half) of the memory read, 1 (2) bytes per "
+                   "value more memory); auto: int8 on CPUs with VNNI / AMX, else bf16 on CPUs with native bf16 for "
+                   "up to 8 queries, for galleries of 16M+ values")
     p.add_argument("--checkpoint", help="record this checkpoint for search (default: the one in the features file)")
     p.set_defaults(func=cmd_index_build)
 

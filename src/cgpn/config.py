@@ -276,7 +276,7 @@ EXTRACTOR_BACKENDS = ("auto", "eager", "channels_last", "bf16", "compile", "onnx
 ONNX_OPSET = 17  # ONNX opset of exported graphs (onnxruntime >= 1.14 runs it)
 ONNX_OPSETS = range(10, 21)  # opsets the export accepts: flip needs 10; torch's TorchScript exporter stops at 20
 INDEX_KINDS = ("flat", "ivf", "ivfpq")
-FIRST_PASSES = ("auto", "bf16", "off")
+FIRST_PASSES = ("auto", "int8", "bf16", "off")
 
 
 @dataclass
@@ -288,7 +288,7 @@ class IndexSettings:
     nprobe: int = 16  # ivf*: lists visited per query (more: slower, closer to exact)
     pq_m: int = 64  # ivfpq: sub-vectors per feature (must divide the feature size; 3072 / 64 = 48 dims each)
     pq_bits: int = 8  # ivfpq: bits per sub-vector code
-    first_pass: str = "auto"  # flat: bf16 | off | auto (bf16 where it pays, see retrieval.index.Bf16FirstPass)
+    first_pass: str = "auto"  # flat: int8 | bf16 | off | auto (where it pays: GalleryIndex.first_pass)
 
 
 @dataclass

@@ -21,6 +21,7 @@ wide comes back with garbage (NaN) at the kernel taps that see only padding, in 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -31,8 +32,8 @@ import torch
 from cgpn.config import CHOICES
 from cgpn.errors import ConfigError
 
-__all__ = ["CPU_FLAGS", "PRECISIONS", "Precision", "cpu_has_native_bf16", "machine_description", "one_pixel_wide_strided_convs",
-           "resolve_precision"]
+__all__ = ["CPU_FLAGS", "INT8_DOT_FLAGS", "PRECISIONS", "Precision", "cpu_has_int8_dot", "cpu_has_native_bf16", "cpu_info",
+           "machine_description", "one_pixel_wide_strided_convs", "resolve_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,29 @@ def cpu_has_native_bf16() -> bool:
 
 
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")  # what decides the fast paths
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 int8 dot-product instructions (VNNI, AMX)
+
+
+@functools.cache
+def cpu_info() -> tuple[str, frozenset[str], int]:
+    """(model name, flags, logical cores) from /proc/cpuinfo; ("unknown CPU", {}, 0) where there is none."""
+    model, flags, cores = "unknown CPU", frozenset(), 0
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name":
+                model, cores = value.strip(), cores + 1
+            elif key == "flags":
+                flags = frozenset(value.split())
+    except OSError:  # not Linux: the model and flags are unknown here
+        pass
+    return model, flags, cores
+
+
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions (``INT8_DOT_FLAGS``), which int8 matrix multiplies use."""
+    return any(flag in cpu_info()[1] for flag in INT8_DOT_FLAGS)
 
 
 def machine_description(device: torch.device | str = "cpu") -> str:
@@ -57,17 +81,7 @@ def machine_description(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    model, flags, cores = "unknown CPU", set(), 0
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name":
-                model, cores = value.strip(), cores + 1
-            elif key == "flags":
-                flags = set(value.split())
-    except OSError:  # not Linux: the model and flags are unknown here
-        pass
+    model, flags, cores = cpu_info()
     have = [f for f in CPU_FLAGS if f in flags] or ["flags unknown"]
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return (f"{model}, {cores or '?'} cores, {' '.join(have)}, {torch.get_num_threads()} torch threads, bf16 "

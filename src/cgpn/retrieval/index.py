@@ -1,8 +1,8 @@
 """A searchable gallery: FAISS inner-product index over L2-normalised features, so scores are cosines.
 
 ``flat`` is exact: a brute-force ``queries @ gallery.T`` done as one matrix multiply per batch of queries
-(PyTorch's BLAS; FAISS's own flat kernel ran 10x slower on 32 queries on a 2-core AVX-512 CPU), for a few
-queries on a large gallery from a bf16 first pass with a proven error bound (``retrieval.exact``); ``ivf`` (inverted lists) and ``ivfpq``
+(PyTorch's BLAS; FAISS's own flat kernel ran 10x slower on 32 queries on a 2-core AVX-512 CPU), on a large
+gallery from an int8 or bf16 first pass with a proven error bound (``retrieval.exact``); ``ivf`` (inverted lists) and ``ivfpq``
 (inverted lists + product quantisation, ``pq_m`` codes of ``pq_bits`` bits per feature) are approximate and scale to
 galleries of millions. The index file (``gallery.faiss``) is the FAISS index followed by its metadata: the image
 paths, pids / camids when known, the feature size and the checkpoint that made them (see ``GalleryIndex.save``).
@@ -28,7 +28,7 @@ import torch
 from cgpn.config import FIRST_PASSES, INDEX_KINDS, IndexSettings
 from cgpn.errors import ConfigError, DependencyError, IndexFileError
 from cgpn.files import atomic_path, describe_file, other_name, reading
-from cgpn.retrieval.exact import Bf16FirstPass, exact_search
+from cgpn.retrieval.exact import Bf16FirstPass, FirstPass, Int8FirstPass, exact_search
 from cgpn.retrieval.features import FeatureFile
 
 __all__ = ["INDEX_KINDS", "GalleryIndex", "IndexSettings", "import_faiss"]
@@ -63,7 +63,7 @@ class GalleryIndex:
                  checkpoint: str, settings: IndexSettings) -> None:
         self.index, self.paths, self.pids, self.camids = index, paths, pids, camids
         self.checkpoint, self.settings = checkpoint, settings
-        self._bf16: Bf16FirstPass | None = None
+        self._first_passes: dict[str, FirstPass] = {}  # made at first use
         if settings.first_pass not in FIRST_PASSES:
             raise ConfigError(f"--first-pass must be one of {', '.join(FIRST_PASSES)}, got '{settings.first_pass}'")
         if settings.kind != "flat":  # on the CPU index, before any to_gpu (GPU clones copy it)
@@ -238,16 +238,26 @@ class GalleryIndex:
                       faiss.SearchParametersIVF(sel=selector, nprobe=self.settings.nprobe))
         return self.index.search(_normalized(queries), k, params=params)
 
-    def first_pass(self, queries: int = 1) -> Bf16FirstPass | None:
-        """The bf16 first pass an exact search of ``queries`` queries takes (``settings.first_pass``; made at
-        the first use, 2 bytes per stored value), or None: an fp32 pass, or not an exact index."""
+    def first_pass(self, queries: int = 1) -> FirstPass | None:
+        """The first pass an exact search of ``queries`` queries takes (``settings.first_pass``; auto: int8 on
+        CPUs with int8 dot products, else bf16 on CPUs with native bf16 for up to 8 queries, both for galleries
+        of 2^24+ values), or None: an fp32 pass, or not an exact index. Made at the first use (1 or 2 bytes per
+        stored value); one whose self-check failed (``usable`` False) leaves the search fp32."""
         vectors = self._vectors()
         mode = self.settings.first_pass
-        if vectors is None or mode == "off" or (mode == "auto" and not Bf16FirstPass.pays(vectors, queries)):
+        if vectors is None or mode == "off":
             return None
-        if self._bf16 is None:
-            self._bf16 = Bf16FirstPass(vectors)
-        return self._bf16
+        if mode != "auto":
+            return self._first_pass(mode, vectors)
+        for kind in (Int8FirstPass, Bf16FirstPass):  # fastest first (benchmarks/serve_load.py)
+            if kind.pays(vectors, queries) and (found := self._first_pass(kind.name, vectors)).usable:
+                return found
+        return None
+
+    def _first_pass(self, name: str, vectors: torch.Tensor) -> FirstPass:
+        if name not in self._first_passes:
+            self._first_passes[name] = {"int8": Int8FirstPass, "bf16": Bf16FirstPass}[name](vectors)
+        return self._first_passes[name]
 
     def _vectors(self) -> torch.Tensor | None:
         """(N, D) view of an exact index's stored vectors (no copy), or None for an approximate or GPU index."""

@@ -16,7 +16,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -93,13 +93,29 @@ def create_app(service: SearchService) -> FastAPI:
             message = str(err.detail)
         return error_response(request.scope, err.status_code, message)
 
-    @app.middleware("http")
-    async def no_sniffing(request: Request, call_next) -> Response:
-        response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"  # a browser renders what we say a file is, no guess
-        return response
-
+    app.add_middleware(NoSniff)  # outermost: refusals of BodyLimit get the header too
     return app
+
+
+class NoSniff:
+    """ASGI middleware: every response says ``X-Content-Type-Options: nosniff``, so a browser renders what the
+    server says a file is, never a guess. Plain ASGI: Starlette's ``@app.middleware("http")`` runs each request
+    in a task group of its own (about a fifth of the server's per-request CPU in a py-spy profile)."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_nosniff(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]}
+            await send(message)
+
+        await self.app(scope, receive, send_nosniff)
 
 
 def listen(host: str, port: int) -> socket.socket:

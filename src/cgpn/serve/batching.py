@@ -84,6 +84,7 @@ class MicroBatcher(Generic[T, R]):
         self.wait_fraction, self.max_wait = wait_fraction, max_wait
         self.calls = 0  # calls of fn so far
         self.items = 0  # items served so far (items / calls: the mean batch)
+        self.seconds = 0.0  # time spent in calls of fn so far
         self._queue: queue.SimpleQueue[tuple[T, Future[R]] | None] = queue.SimpleQueue()
         self._expected = 0  # open tickets: items announced, not yet submitted
         self._lock = threading.Lock()
@@ -148,6 +149,7 @@ class MicroBatcher(Generic[T, R]):
                 start = time.monotonic()
                 self._call(batch)
                 self._last_call = time.monotonic() - start
+                self.seconds += self._last_call
                 self._callers = len(batch) + self._queue.qsize()
 
     def _call(self, batch: list[tuple[T, Future[R]]]) -> None:

@@ -70,14 +70,16 @@ class Health(BaseModel):
     gallery_size: int
     dim: int = Field(..., description="feature size; a feature query must have this many values")
     index_kind: str = Field(..., description="flat (exact), ivf or ivfpq (approximate)")
-    first_pass: bool = Field(..., description="flat: a search of one query starts from bf16 scores with a proven "
-                             "error bound (the same results as fp32, half the memory read)")
+    first_pass: str | None = Field(..., description="flat: the first pass a search of one query starts from (int8 "
+                                   "or bf16 scores with a proven error bound; the same results as fp32, a quarter "
+                                   "or half the memory read); null: an fp32 pass")
     cameras: list[int] = Field(..., description="camids present in the gallery (empty: names carry none)")
     queries: int = Field(..., description="images of the --queries folder (0: none given)")
     max_topk: int
     model: ModelInfo
     searches: int = Field(..., description="queries searched since the start")
     search_batches: int = Field(..., description="index searches that served them (concurrent queries share one)")
+    search_seconds: float = Field(..., description="time spent in those index searches")
     searches_waiting: int = Field(..., description="queries queued for the next index search")
 
 

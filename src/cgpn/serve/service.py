@@ -104,7 +104,7 @@ class SearchService:
         network of ``checkpoint`` (a checkpoint or an ONNX file written by ``cgpn export``; default: the one
         the index records), with the settings ``cgpn search`` takes (``flip`` None: the source's own)."""
         index = GalleryIndex.load(index_path, mmap=True)
-        index.first_pass()  # made now (a second or so for 100,000 features), not in the first request
+        index.first_pass()  # made now (a few seconds for 100,000 features), not in the first request
         query_files = list_images(queries) if queries is not None else []
         extractor = FeatureExtractor(index.query_checkpoint(checkpoint), device=device, batch_size=batch_size,
                                      flip=flip, backend=backend, progress=False)
@@ -286,7 +286,8 @@ class SearchService:
                           name=f"{rt.config.model.name}/{rt.config.model.backbone}", input_size=list(rt.input_shape),
                           backend=rt.backend, device=str(rt.device))
         return Health(gallery_size=len(self.index), dim=self.index.dim, index_kind=self.index.settings.kind,
-                      first_pass=self.index.first_pass() is not None,
+                      first_pass=first.name if (first := self.index.first_pass()) else None,
                       cameras=self.cameras, queries=self.count("query"), max_topk=self.settings.max_topk,
                       model=model, searches=self._searcher.items, search_batches=self._searcher.calls,
+                      search_seconds=round(self._searcher.seconds, 6),
                       searches_waiting=self._searcher.waiting)
