@@ -34,7 +34,7 @@ BF16_MAX_QUERIES = 8  # auto: bf16 for batches of at most this many queries; lar
 # bf16 matrix multiply on a 2-core AVX512-BF16 Xeon was no faster than fp32 there (32 queries: 136-184 vs 137 ms)
 INT8_MAX_DIM = (2**31 - 1) // 127**2  # int32 sums of this many products of int8 codes in [-127, 127] cannot overflow
 _UNIT = 2.0**-8  # unit roundoff of bf16 (8 significant bits)
-_CHUNK = 1024  # gallery rows converted at a time (fp64 temporaries of a few MB)
+_CHUNK = 64  # gallery rows converted at a time: fp64 temporaries that stay in cache (1.6 s for 100,000 x 3072 vs 4.3 s at 1,024)
 _MARGIN = 1e-6  # relative margin for the fp32 arithmetic of scores and bounds (an ulp of 1 is 1.2e-7)
 
 
