@@ -140,11 +140,15 @@ def test_concurrent_queries_are_searched_together_and_exactly(service: SearchSer
         await busy
         return answers
 
+    before, start = service.health(), time.monotonic()
     answers = asyncio.run(run())
+    elapsed, after = time.monotonic() - start, service.health()
     for query, camids, answer in zip(queries, filters, answers):
         assert answer.status_code == 200, answer.text
         assert [h["id"] for h in answer.json()["results"]] == brute_force(ref, query, 5, camids)[0]
     assert calls[0] == 1 and sorted(calls[1:]) == [2, 3, 3, 24], calls  # cams [0]: 3, [1]: 3, [2]: 2, all: 24
+    assert (after.searches - before.searches, after.search_batches - before.search_batches) == (33, 2)
+    assert 0.01 < after.search_seconds - before.search_seconds <= elapsed  # the held search (>= one 10 ms sleep) counts
 
 
 def test_micro_batcher_serves_what_waits_in_one_call() -> None:

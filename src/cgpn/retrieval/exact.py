@@ -7,8 +7,11 @@ bound of the fp32 search's, then fp32 scores of the few rows that can still reac
 results are those of the fp32 search: it is a faster way to compute them, not an approximation.
 
 - ``Int8FirstPass``: int8 rows (a quarter of the bytes) and int32 sums, exact; each query is written as two
-  int8 vectors, so its own rounding leaves no error worth the name. On CPUs with int8 dot-product
-  instructions (VNNI) 4-5x faster than the fp32 pass for 1-32 queries.
+  int8 vectors, so its own rounding leaves no error worth the name. On a 2-core AVX512-VNNI Xeon 2-3.5x
+  faster than the fp32 pass for 1-8 queries and 1.3x for 32 (benchmarks/serve_load.py). The product is
+  ``torch._int_mm`` (underscored, but the op torchao's int8 matrix multiplies build on): a self-check at
+  construction decides whether it is used, so a torch without it, or with a kernel that is not exact,
+  falls back to the fp32 search.
 - ``Bf16FirstPass``: bf16 rows (half the bytes) and torch's bf16 matrix multiply, where that sums in fp32.
 
 Example:
