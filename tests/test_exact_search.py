@@ -178,3 +178,17 @@ def test_auto_takes_int8_on_cpus_with_int8_dot_products_else_bf16_for_few_querie
     index = GalleryIndex.build(FeatureFile([f"{i}.jpg" for i in range(500)], gallery), IndexSettings())
     chosen = index.first_pass(queries)
     assert (chosen.name if chosen else None) == expected
+
+
+@pytest.mark.parametrize("kind", [None, *PASSES])
+def test_rows_tied_at_the_kth_score_come_lowest_row_first(kind: type | None) -> None:
+    """20 copies of the best row, k = 5: the five lowest of those rows, as a stable sort ranks them (topk alone
+    picks among equal scores in no specified order); k = 0 gives empty results."""
+    gallery, query = _unit(3000, 64, 9), _unit(1, 64, 10)
+    copies = np.sort(np.random.default_rng(11).choice(3000, 20, replace=False))
+    gallery[copies] = query[0]
+    first = None if kind is None else kind(torch.from_numpy(gallery))
+    _, rows = exact_search(torch.from_numpy(gallery), query, 5, first_pass=first)
+    np.testing.assert_array_equal(rows[0], copies[:5])
+    scores, rows = exact_search(torch.from_numpy(gallery), query, 0, first_pass=first)
+    assert scores.shape == rows.shape == (1, 0)

@@ -4,7 +4,8 @@ One pass over an fp32 gallery of N x D values reads 4 N D bytes, which bounds th
 one or a few queries by the machine's memory bandwidth (1.23 GB, about 60 ms, for 100,000 CGPN features on
 a 2-core Xeon). A first pass reads a compact copy instead: scores of the whole gallery, each within a proven
 bound of the fp32 search's, then fp32 scores of the few rows that can still reach a query's top k. Its
-results are those of the fp32 search: it is a faster way to compute them, not an approximation.
+results are the exact top k of fp32 scores (equal to the full fp32 search's up to the last bit of fp32
+rounding, which differs between BLAS calls): a faster way to compute them, not an approximation.
 
 - ``Int8FirstPass``: int8 rows (a quarter of the bytes) and int32 sums, exact; each query is written as two
   int8 vectors, so its own rounding leaves no error worth the name. On a 2-core AVX512-VNNI Xeon 2-3.5x
@@ -221,8 +222,11 @@ def exact_search(gallery: torch.Tensor, queries: np.ndarray, k: int, allowed: np
     highest first (ties: lower row first), and rows (-1 where fewer rows are ``allowed``).
 
     With ``first_pass``, the rows of each query's top k are found from its bounds and scored in fp32
-    (the same results; a query whose bounds leave more than a quarter of the gallery is scored in full).
+    (the same rows, up to fp32 rounding; a query whose bounds leave more than a quarter of the gallery is
+    scored in full).
     """
+    if k == 0:
+        return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
     q = torch.from_numpy(queries)
     mask = None if allowed is None else torch.from_numpy(np.asarray(allowed, dtype=bool))
     with torch.inference_mode():
@@ -230,7 +234,7 @@ def exact_search(gallery: torch.Tensor, queries: np.ndarray, k: int, allowed: np
             values, rows = _searched_from_bounds(gallery, q, k, mask, first_pass)
         else:
             values, rows = _top(q @ gallery.T, k, mask)  # (Q, N): 2 N D flops per query, one BLAS call
-    order = np.lexsort((rows, -values), axis=1)  # topk leaves the order of equal scores unspecified
+    order = np.lexsort((rows, -values), axis=1)  # equal scores: lower row first
     values, rows = np.take_along_axis(values, order, 1), np.take_along_axis(rows, order, 1)
     missing = ~np.isfinite(values)
     return np.where(missing, -np.finfo(np.float32).max, values), np.where(missing, -1, rows)
@@ -239,8 +243,18 @@ def exact_search(gallery: torch.Tensor, queries: np.ndarray, k: int, allowed: np
 def _top(scores: torch.Tensor, k: int, mask: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
     if mask is not None:
         scores[:, ~mask] = -np.inf
+    return _highest(scores, k)
+
+
+def _highest(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Values and columns of the k highest scores of each row; of scores tied at the k-th, the lower columns
+    (``topk`` picks among them in no specified order; a stable sort of the rows where that matters)."""
     top = torch.topk(scores, k, dim=1)
-    return top.values.numpy(), top.indices.numpy()
+    values, columns = top.values, top.indices
+    for i in ((scores >= values[:, -1:]).sum(dim=1) > k).nonzero().squeeze(1).tolist():
+        ordered = torch.sort(scores[i], descending=True, stable=True)
+        values[i], columns[i] = ordered.values[:k], ordered.indices[:k]
+    return values.numpy(), columns.numpy()
 
 
 def _searched_from_bounds(gallery: torch.Tensor, queries: torch.Tensor, k: int, mask: torch.Tensor | None,
@@ -251,7 +265,8 @@ def _searched_from_bounds(gallery: torch.Tensor, queries: torch.Tensor, k: int, 
         lower[:, ~mask] = -np.inf
         upper[:, ~mask] = -np.inf
     kth_lower = torch.topk(lower, k, dim=1).values[:, -1:]  # k rows are at least this good
-    reach = upper >= kth_lower  # every row of the exact top k (an allowed row, when k are allowed)
+    reach = (upper >= kth_lower) | upper.isnan()  # every row of the exact top k (an allowed row, when k are
+    # allowed); NaN: a bound that overflowed
     counts = reach.sum(dim=1)
     found = reach.nonzero()[:, 1].split(counts.tolist())  # one scan for all queries: rows per query, ascending
     values, rows = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
@@ -259,6 +274,6 @@ def _searched_from_bounds(gallery: torch.Tensor, queries: torch.Tensor, k: int, 
         if not torch.isfinite(kth_lower[i]).all() or len(candidates) > len(gallery) // 4:
             (values[i],), (rows[i],) = _top(query[None] @ gallery.T, k, mask)  # fewer than k allowed, or loose
             continue
-        top = torch.topk(gallery.index_select(0, candidates) @ query, k)
-        values[i], rows[i] = top.values.numpy(), candidates[top.indices].numpy()
+        (values[i],), (best,) = _highest((gallery.index_select(0, candidates) @ query)[None], k)
+        rows[i] = candidates[best].numpy()  # candidates ascend: ties keep the lower row
     return values, rows
