@@ -251,7 +251,8 @@ def _highest(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     (``topk`` picks among them in no specified order; a stable sort of the rows where that matters)."""
     top = torch.topk(scores, k, dim=1)
     values, columns = top.values, top.indices
-    for i in ((scores >= values[:, -1:]).sum(dim=1) > k).nonzero().squeeze(1).tolist():
+    kth = values[:, -1:]  # -inf: fewer than k allowed rows, whose order no result keeps (they come back as -1)
+    for i in (((scores >= kth).sum(dim=1) > k) & kth.isfinite().squeeze(1)).nonzero().squeeze(1).tolist():
         ordered = torch.sort(scores[i], descending=True, stable=True)
         values[i], columns[i] = ordered.values[:k], ordered.indices[:k]
     return values.numpy(), columns.numpy()

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "cgpn-index-v2"
 TRAILER = struct.Struct("<Q8s")  # the last 16 bytes of an index file: length of the metadata JSON, MAGIC
 MAGIC = b"CGPN-IDX"
+FIRST_PASS_KINDS = {kind.name: kind for kind in (Int8FirstPass, Bf16FirstPass)}  # auto tries them in this order:
+# fastest first (benchmarks/serve_load.py)
 
 
 def import_faiss():
@@ -249,14 +251,14 @@ class GalleryIndex:
             return None
         if mode != "auto":
             return self._first_pass(mode, vectors)
-        for kind in (Int8FirstPass, Bf16FirstPass):  # fastest first (benchmarks/serve_load.py)
-            if kind.pays(vectors, queries) and (found := self._first_pass(kind.name, vectors)).usable:
+        for name, kind in FIRST_PASS_KINDS.items():
+            if kind.pays(vectors, queries) and (found := self._first_pass(name, vectors)).usable:
                 return found
         return None
 
     def _first_pass(self, name: str, vectors: torch.Tensor) -> FirstPass:
         if name not in self._first_passes:
-            self._first_passes[name] = {"int8": Int8FirstPass, "bf16": Bf16FirstPass}[name](vectors)
+            self._first_passes[name] = FIRST_PASS_KINDS[name](vectors)
         return self._first_passes[name]
 
     def _vectors(self) -> torch.Tensor | None:
