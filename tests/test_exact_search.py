@@ -84,7 +84,7 @@ def test_first_pass_orders_rows_closer_than_it_can_tell_apart(kind: type, full_s
     gallery, query = _near_ties()
     first = kind(torch.from_numpy(gallery))
     top60 = _brute_force(gallery, query, 60)[0]
-    rough, _ = first.bounds(torch.from_numpy(query))
+    rough = first.scores(torch.from_numpy(query)).values
     assert (np.diff(rough[0, top60].numpy()) >= 0).sum() > 20  # its scores alone tie or misorder many neighbours
     _, rows = exact_search(torch.from_numpy(gallery), query, 60, first_pass=first)
     np.testing.assert_array_equal(rows[0], top60)
@@ -123,19 +123,27 @@ def test_a_bf16_multiply_that_does_not_sum_in_fp32_is_not_used(monkeypatch: pyte
     np.testing.assert_array_equal(rows, _brute_force(gallery, query, 60))
 
 
-def _saturating_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """An int8 kernel of the kind x86's u8 x s8 instruction (vpmaddubsw) makes: a shifted by 128 to unsigned,
-    pairs of products summed in int16 with saturation, then 128 times b's column sums taken off."""
-    pairs = (a.long() + 128)[:, None, :] * b.T.long()[None, :, :]
-    pairs = pairs.view(a.shape[0], b.shape[1], -1, 2).sum(-1).clamp(-2**15, 2**15 - 1)
-    return (pairs.sum(-1) - 128 * b.long().sum(0)).int()
+class _SaturatingProduct(exact_module.Int8Product):
+    """An int8 kernel of the kind x86's u8 x s8 instruction before VNNI (vpmaddubsw) makes: the query's codes
+    shifted by 128 to unsigned, pairs of products summed in int16 with saturation, then 128 times the rows'
+    sums taken off."""
+
+    name = "saturating"
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        self.codes, self.scales = codes.long(), scales
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        pairs = (codes.long() + 128)[:, None, :] * self.codes[None, :, :]
+        pairs = pairs.view(len(codes), len(self.codes), -1, 2).sum(-1).clamp(-2**15, 2**15 - 1)
+        return (pairs.sum(-1) - 128 * self.codes.sum(1)).float() * self.scales
 
 
 def test_an_int8_kernel_that_does_not_sum_exactly_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """The bound assumes exact int32 sums; a kernel saturating in 16 bits is caught at construction, as are a
     gallery holding NaN and a feature size whose int32 sums could overflow; the search stays exact."""
     gallery, query = _near_ties(d=128, n=3000)
-    monkeypatch.setattr(exact_module.torch, "_int_mm", _saturating_int_mm)
+    monkeypatch.setattr(exact_module, "INT8_PRODUCTS", (_SaturatingProduct,))
     first = Int8FirstPass(torch.from_numpy(gallery))
     assert not first.usable
     _, rows = exact_search(torch.from_numpy(gallery), query, 60, first_pass=first)
@@ -147,6 +155,46 @@ def test_an_int8_kernel_that_does_not_sum_exactly_is_not_used(monkeypatch: pytes
     assert not Int8FirstPass(torch.from_numpy(broken)).usable
     monkeypatch.setattr(exact_module, "INT8_MAX_DIM", 127)
     assert not Int8FirstPass(torch.from_numpy(gallery)).usable
+
+
+def _available(kind: type) -> bool:
+    try:
+        kind(torch.zeros((2, 8), dtype=torch.int8), torch.ones(2))(torch.zeros((1, 8), dtype=torch.int8))
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("kind", exact_module.INT8_PRODUCTS)
+def test_each_int8_product_sums_exactly_and_serves_the_search(kind: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every int8 kernel the pass may pick: products equal int64 sums times the row scales (fp32 rounding
+    only), and a search through it equals the brute force's rows."""
+    if not _available(kind):
+        pytest.skip(f"{kind.name}: this torch build lacks the op")
+    rng = np.random.default_rng(12)
+    codes = torch.from_numpy(rng.integers(-127, 128, (700, 300), dtype=np.int8))
+    scales = torch.from_numpy(rng.uniform(0.01, 2.0, 700).astype(np.float32))
+    sample = torch.from_numpy(rng.integers(-127, 128, (9, 300), dtype=np.int8))
+    expected = (sample.long() @ codes.long().T).double() * scales.double()
+    got = kind(codes, scales)(sample).double()
+    assert got.shape == (9, 700)
+    assert ((got - expected).abs() <= expected.abs() * 2.0**-22).all()
+    monkeypatch.setattr(exact_module, "INT8_PRODUCTS", (kind,))
+    gallery, query = _near_ties(d=128, n=3000)
+    first = Int8FirstPass(torch.from_numpy(gallery))
+    assert first.usable and first.product.name == kind.name
+    _, rows = exact_search(torch.from_numpy(gallery), query, 60, first_pass=first)
+    np.testing.assert_array_equal(rows, _brute_force(gallery, query, 60))
+
+
+@pytest.mark.parametrize("kind", PASSES)
+def test_queries_whose_scores_could_overflow_are_searched_in_fp32(kind: type, full_scans: list) -> None:
+    """Rows and queries of length 1e18: first-pass scores near fp32's largest value could overflow, so those
+    queries skip the bound and rank the fp32 scores in full (still the brute force's rows)."""
+    gallery, queries = _unit(2000, 64, 13) * np.float32(1e18), _unit(3, 64, 14) * np.float32(1e18)
+    _, rows = exact_search(torch.from_numpy(gallery), queries, 10, first_pass=kind(torch.from_numpy(gallery)))
+    np.testing.assert_array_equal(rows, _brute_force(gallery, queries, 10))
+    assert full_scans == [(1, 2000)] * 3
 
 
 @pytest.mark.parametrize("name", ["int8", "bf16"])
