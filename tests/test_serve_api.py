@@ -430,6 +430,24 @@ def test_cgpn_serve_answers_on_a_free_loopback_port_and_stops_on_ctrl_c(gallery:
         assert set(body) == {"application/json", "multipart/form-data"}
 
 
+def test_serve_hands_the_gil_over_often_while_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While uvicorn runs, a thread holding the GIL gives it up after SWITCH_INTERVAL (0.2 ms, not Python's 5 ms:
+    the event loop waits less for the search thread); the previous interval comes back after the server stops."""
+    import sys
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from cgpn.serve import app as app_module
+
+    seen = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: seen.append(sys.getswitchinterval()))
+    before = sys.getswitchinterval()
+    with socket.socket() as sock:
+        app_module.serve(FastAPI(), sock)
+    assert seen == [pytest.approx(0.0002)] and sys.getswitchinterval() == before
+
+
 def test_cgpn_serve_checks_its_settings_before_loading(gallery: Gallery, capsys: pytest.CaptureFixture,
                                                        tmp_path: Path) -> None:
     with socket.socket() as taken:

@@ -33,8 +33,9 @@ _MULTIPART_SCHEMA = {"type": "object", "required": ["image"], "properties": {
     "camids": {"type": "array", "items": {"type": "integer"}, "description": "cameras to keep (repeat the field)"}}}
 
 
-def get_service(request: Request) -> SearchService:
-    """The app's ``SearchService`` (a FastAPI dependency)."""
+async def get_service(request: Request) -> SearchService:
+    """The app's ``SearchService`` (a FastAPI dependency; async, so FastAPI calls it on the event loop rather
+    than in a worker thread)."""
     return request.app.state.service
 
 
@@ -79,11 +80,13 @@ async def health(service: Service) -> Health:
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": FeatureQuery.model_json_schema()},
                  "multipart/form-data": {"schema": _MULTIPART_SCHEMA}}}})
-async def search(request: Request, service: Service) -> SearchResponse:
+async def search(request: Request, service: Service) -> Response:
     with service.search_ticket() as ticket:  # concurrent searches may wait a little for this one
         query, feature = await _query(request, service)
         hits = await service.search(feature, query.topk, query.camids, ticket)
-    return SearchResponse(topk=query.topk, camids=query.camids, results=hits)
+    # serialised here: FastAPI would validate the model again against response_model (which documents it)
+    return Response(SearchResponse(topk=query.topk, camids=query.camids, results=hits).model_dump_json(),
+                    media_type="application/json")
 
 
 async def _query(request: Request, service: SearchService) -> tuple[ImageQuery | FeatureQuery, np.ndarray]:

@@ -80,6 +80,7 @@ class SearchService:
                  settings: ServeSettings | None = None) -> None:
         index.check_dim(extractor.feature_dim)
         self.index, self.extractor, self.runtime = index, extractor, extractor.runtime
+        self.dim = index.dim
         self.settings = settings or ServeSettings()
         self.files: dict[ImageKind, list[Path]] = {"gallery": [Path(p) for p in index.paths],
                                                    "query": [Path(p) for p in queries]}
@@ -132,10 +133,12 @@ class SearchService:
 
     def item(self, kind: ImageKind, number: int) -> GalleryItem:
         """Id, file name, identity and camera of an image of ``kind``."""
-        self.check_number(kind, number)
+        return GalleryItem(**self._item_fields(kind, self.check_number(kind, number)))
+
+    def _item_fields(self, kind: ImageKind, number: int) -> dict:
         ids = self.ids[kind]
         pid, camid = (None, None) if ids is None else (int(ids[0][number]), int(ids[1][number]))
-        return GalleryItem(id=number, name=self.files[kind][number].name, pid=pid, camid=camid)
+        return {"id": number, "name": self.files[kind][number].name, "pid": pid, "camid": camid}
 
     def image_file(self, kind: ImageKind, number: int) -> Path:
         """The file of an image of ``kind``, found by its number only (never by a path from a request)."""
@@ -193,12 +196,13 @@ class SearchService:
     def check_feature(self, values: Sequence[float]) -> np.ndarray:
         """A client's feature as a (D,) float32 array, or a RequestError (422): wrong size, not finite, zero."""
         feature = np.asarray(values, dtype=np.float32)
-        if feature.shape != (self.index.dim,):
-            raise RequestError(f"the feature has {feature.size} values; this index holds {self.index.dim}-d features "
+        if feature.shape != (self.dim,):
+            raise RequestError(f"the feature has {feature.size} values; this index holds {self.dim}-d features "
                                f"(a row of cgpn extract's output for the same checkpoint)")
-        if not np.isfinite(feature).all():
+        length = float(np.dot(feature, feature))  # one pass: inf or NaN if any value is (or overflows)
+        if not math.isfinite(length) and not np.isfinite(feature).all():
             raise RequestError("the feature holds NaN or infinite values; send finite numbers")
-        if not np.any(feature):
+        if length == 0.0 and not np.any(feature):
             raise RequestError("the feature is all zeros: it has no direction to compare; send a real feature")
         return feature
 
@@ -273,9 +277,9 @@ class SearchService:
         for score, row in zip(scores.tolist(), rows.tolist()):
             if row < 0:
                 break
-            item = self.item("gallery", row)
-            hits.append(Hit(**item.model_dump(), rank=len(hits) + 1, score=round(score, 6),
-                            distance=round(math.sqrt(max(0.0, 2.0 - 2.0 * score)), 6)))
+            hits.append(Hit.model_construct(  # our own values, of the model's types: not validated again
+                **self._item_fields("gallery", row), rank=len(hits) + 1, score=round(score, 6),
+                distance=round(math.sqrt(max(0.0, 2.0 - 2.0 * score)), 6)))
         return hits
 
     # --- status --------------------------------------------------------------------------------------
