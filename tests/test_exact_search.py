@@ -197,6 +197,37 @@ def test_queries_whose_scores_could_overflow_are_searched_in_fp32(kind: type, fu
     assert full_scans == [(1, 2000)] * 3
 
 
+@pytest.mark.parametrize("product", exact_module.INT8_PRODUCTS)
+def test_int8_products_that_could_overflow_before_the_query_scale_are_not_trusted(
+        product: type, full_scans: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row of elements 3.3e38 whose code sum times its scale (made before the query's scale of 8e-8) overflows
+    although its score (2.6e33) does not, beside rows that score less: the best row still comes first."""
+    if not _available(product):
+        pytest.skip(f"{product.name}: this torch build lacks the op")
+    monkeypatch.setattr(exact_module, "INT8_PRODUCTS", (product,))
+    step = 1e-5 / 127
+    query = step * np.array([[127, 126.6, 126.4, 126.4]])  # codes 127, 127, 126, 126 and a residual
+    best = np.array([127, 127, -127, -127]) * 2.6e36  # code sums 254 (high) and -3 x 127^2 (low): inf and -inf
+    other = query[0] / np.linalg.norm(query[0]) * (query[0] @ best) / np.linalg.norm(query[0])
+    gallery = np.array([best, *(other * np.linspace(0.95, -1.0, 40)[:, None])]).astype(np.float32)
+    query = query.astype(np.float32)
+    _, rows = exact_search(torch.from_numpy(gallery), query, 2, first_pass=Int8FirstPass(torch.from_numpy(gallery)))
+    np.testing.assert_array_equal(rows, _brute_force(gallery, query, 2))
+    assert full_scans == [(1, 41)]
+
+
+@pytest.mark.parametrize("kind", PASSES)
+def test_a_score_that_overflows_to_inf_is_the_best_not_a_missing_row(kind: type) -> None:
+    """A query of 3e38 whose product with one row overflows: that row comes first, as in the fp32 search."""
+    gallery = _unit(40, 8, 17) * np.float32(0.1)
+    gallery[3, 0] = 5.0
+    query = np.zeros((1, 8), np.float32)
+    query[0, 0] = 3e38
+    scores, rows = exact_search(torch.from_numpy(gallery), query, 5, first_pass=kind(torch.from_numpy(gallery)))
+    np.testing.assert_array_equal(rows, exact_search(torch.from_numpy(gallery), query, 5)[1])
+    assert rows[0, 0] == 3 and scores[0, 0] == np.inf
+
+
 @pytest.mark.parametrize("name", ["int8", "bf16"])
 def test_index_first_pass_setting(name: str, tmp_path: Path) -> None:
     """first_pass is kept in the index file and used when asked, giving the brute force's rows; auto leaves
