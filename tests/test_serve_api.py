@@ -430,9 +430,11 @@ def test_cgpn_serve_answers_on_a_free_loopback_port_and_stops_on_ctrl_c(gallery:
         assert set(body) == {"application/json", "multipart/form-data"}
 
 
-def test_serve_hands_the_gil_over_often_while_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_hands_the_gil_over_often_and_freezes_what_the_start_made(monkeypatch: pytest.MonkeyPatch) -> None:
     """While uvicorn runs, a thread holding the GIL gives it up after SWITCH_INTERVAL (0.2 ms, not Python's 5 ms:
-    the event loop waits less for the search thread); the previous interval comes back after the server stops."""
+    the event loop waits less for the search thread) and the objects made before are out of the garbage
+    collector's scans; both are undone after the server stops."""
+    import gc
     import sys
 
     import uvicorn
@@ -441,11 +443,13 @@ def test_serve_hands_the_gil_over_often_while_it_runs(monkeypatch: pytest.Monkey
     from cgpn.serve import app as app_module
 
     seen = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: seen.append(sys.getswitchinterval()))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: seen.append((sys.getswitchinterval(),
+                                                                                  gc.get_freeze_count())))
     before = sys.getswitchinterval()
     with socket.socket() as sock:
         app_module.serve(FastAPI(), sock)
-    assert seen == [pytest.approx(0.0002)] and sys.getswitchinterval() == before
+    assert seen[0][0] == pytest.approx(0.0002) and seen[0][1] > 10_000  # the test session's objects, at least
+    assert sys.getswitchinterval() == before and gc.get_freeze_count() == 0
 
 
 def test_cgpn_serve_checks_its_settings_before_loading(gallery: Gallery, capsys: pytest.CaptureFixture,
