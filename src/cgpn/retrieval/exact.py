@@ -45,7 +45,8 @@ BF16_MAX_QUERIES = 8  # auto: bf16 for batches of at most this many queries; lar
 INT8_MAX_DIM = (2**31 - 1) // (255 * 127)  # int32 sums of this many products of codes cannot overflow, even where
 # a kernel shifts the query's codes to unsigned (0..255), as u8 x s8 instructions take them
 _UNIT = 2.0**-8  # unit roundoff of bf16 (8 significant bits)
-_CHUNK = 64  # gallery rows converted at a time: fp64 temporaries that stay in cache (1.6 s for 100,000 x 3072 vs 4.3 s at 1,024)
+_CHUNK = 64  # gallery rows converted at a time: fp64 temporaries that stay in cache (codes of 100,000 x 3072 in 1.6 s
+# vs 4.3 s at 1,024; packing them for oneDNN takes another second)
 _OVERFLOW = 1e36  # a query whose scores, or the products they are made of, could come near fp32's largest value
 # (3.4e38) is searched in fp32
 _MARGIN = 1e-6  # relative margin for the fp32 arithmetic of scores and bounds (an ulp of 1 is 1.2e-7)

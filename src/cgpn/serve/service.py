@@ -105,7 +105,7 @@ class SearchService:
         network of ``checkpoint`` (a checkpoint or an ONNX file written by ``cgpn export``; default: the one
         the index records), with the settings ``cgpn search`` takes (``flip`` None: the source's own)."""
         index = GalleryIndex.load(index_path, mmap=True)
-        index.first_pass()  # made now (1.6 s for 100,000 x 3072 features), not in the first request
+        index.first_pass()  # made now (2-3 s for 100,000 x 3072 features: codes, then packed), not in the first request
         query_files = list_images(queries) if queries is not None else []
         extractor = FeatureExtractor(index.query_checkpoint(checkpoint), device=device, batch_size=batch_size,
                                      flip=flip, backend=backend, progress=False)
