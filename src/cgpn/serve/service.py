@@ -289,7 +289,7 @@ class SearchService:
         model = ModelInfo(checkpoint=rt.checkpoint.name if rt.checkpoint else "(in memory)",
                           name=f"{rt.config.model.name}/{rt.config.model.backbone}", input_size=list(rt.input_shape),
                           backend=rt.backend, device=str(rt.device))
-        return Health(gallery_size=len(self.index), dim=self.index.dim, index_kind=self.index.settings.kind,
+        return Health(gallery_size=len(self.index), dim=self.dim, index_kind=self.index.settings.kind,
                       first_pass=first.name if (first := self.index.first_pass()) else None,
                       cameras=self.cameras, queries=self.count("query"), max_topk=self.settings.max_topk,
                       model=model, searches=self._searcher.items, search_batches=self._searcher.calls,
