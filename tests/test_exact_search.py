@@ -117,6 +117,36 @@ def test_first_pass_with_rows_of_unequal_length_and_a_camera_filter(kind: type, 
     assert full_scans == [(1, 6000)] * 5  # 4 allowed rows, k 10: each query ranked in full
 
 
+@pytest.mark.parametrize("kind", PASSES)
+def test_a_camera_filter_whose_rows_sit_together_needs_no_full_scan(kind: type, full_scans: list) -> None:
+    """Allowed rows in one run of the gallery (a gallery sorted by camera): fewer finite block maxima than k."""
+    gallery, queries = _unit(20_000, 128, 6), _unit(4, 128, 7)
+    allowed = (np.arange(20_000) >= 7_000) & (np.arange(20_000) < 7_040)
+    _, rows = exact_search(torch.from_numpy(gallery), queries, 10, allowed, first_pass=_made(kind, gallery))
+    np.testing.assert_array_equal(rows, _brute_force(gallery, queries, 10, allowed))
+    assert full_scans == []
+
+
+@pytest.mark.parametrize("n", [10_000, 10_007, 500])
+def test_kth_at_most_is_a_floor_of_the_kth_score_and_exact_for_spread_top_rows(n: int) -> None:
+    k, rng = 5, np.random.default_rng(n)
+    blocks = n // (32 * k) >= 8  # columns in blocks of at least 8 (else torch.topk itself)
+    scores = torch.from_numpy(rng.standard_normal((6, n)).astype(np.float32))
+    scores[0] = scores[0].round(decimals=1)  # many ties
+    scores[1, :k] = 10 + torch.arange(k, dtype=torch.float32)  # the top k side by side, in one block
+    scores[2] = -np.inf
+    scores[2, -3:] = 1.0  # fewer than k finite scores: the k-th highest is -inf
+    scores[3] = -np.inf
+    scores[3, 100:106] = torch.arange(1, 7, dtype=torch.float32)  # k + 1 finite scores, all in one block
+    scores[4, ::n // k] = 20 + torch.arange(k + (n % k > 0), dtype=torch.float32)[:len(scores[4, ::n // k])]
+    kth = torch.from_numpy(np.sort(scores.numpy(), axis=1)[:, -k])
+    got = exact_module._kth_at_most(scores, k)
+    assert (got <= kth).all()
+    assert got[1] < 10 if blocks else got[1] == 10  # a lower value where the top k share a block: still a floor
+    assert got[2] == -np.inf and got[3] == 2.0  # the exact k-th where block maxima are too few
+    assert got[4] == kth[4] >= 20  # top k columns n / k apart: in k different blocks
+
+
 def test_a_bf16_multiply_that_does_not_sum_in_fp32_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """The bound assumes fp32 sums; a kernel summing in bf16 is caught at construction and the search stays fp32."""
     def bf16_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -332,21 +332,21 @@ def _searched_from_bounds(gallery: torch.Tensor, queries: torch.Tensor, k: int, 
     first, count = first_pass.scores(queries), len(queries)
     if mask is not None:
         first.values[:, ~mask] = -np.inf
-    # The k rows of highest first scores have lower bounds of at least kth - widest, and a row of the exact top
-    # k an upper bound of at least the k-th lower bound: its first score is at least kth - 2 widest (a little
-    # more taken off for the fp64 arithmetic). Only the rows above that floor are bounded one by one.
-    kth = torch.topk(first.values, k, dim=1).values[:, -1].double()
-    floor = _down(kth - 2.000001 * first.widest)
+    # At least k rows have first scores of at least kth (a value at most the k-th highest): their lower bounds
+    # are at least kth - widest, and a row of the exact top k has an upper bound of at least the k-th lower
+    # bound, so a first score of at least kth - 2 widest (a little more taken off for the fp64 arithmetic).
+    # Only the rows above that floor are bounded one by one.
+    floor = _down(_kth_at_most(first.values, k).double() - 2.000001 * first.widest)
     full = ~torch.isfinite(floor)  # fewer than k allowed rows, or a query whose scores could overflow
     floor[full] = np.nan  # no row is >= NaN, not even one scored +inf
-    near = (first.values >= floor[:, None]).nonzero()  # (P, 2): query, row; rows ascend within each query
-    loose = torch.bincount(near[:, 0], minlength=count) > len(gallery) // 4  # a bound this loose gains nothing
+    pairs = torch.from_numpy(np.flatnonzero((first.values >= floor[:, None]).numpy()))  # query-major: rows ascend
+    which, rows = pairs // first.values.shape[1], pairs % first.values.shape[1]  # (torch's nonzero: 4x the time)
+    loose = torch.bincount(which, minlength=count) > len(gallery) // 4  # a bound this loose gains nothing
     if loose.any():
         full |= loose
-        near = near[~loose[near[:, 0]]]
+        which, rows = which[~loose[which]], rows[~loose[which]]
     values, found = np.full((count, k), -np.inf, np.float32), np.full((count, k), -1, np.int64)
-    if len(near):
-        which, rows = near[:, 0], near[:, 1]
+    if len(which):
         score, slack = first.values[which, rows].double(), first.slack(which, rows)
         kth_lower = _by_query(score - slack, which, count).topk(k, dim=1).values[:, -1]  # k rows are this good
         reach = score + slack >= kth_lower[which]  # every row of the exact top k (at least k rows per query)
@@ -356,6 +356,24 @@ def _searched_from_bounds(gallery: torch.Tensor, queries: torch.Tensor, k: int, 
     for i in full.nonzero()[:, 0].tolist():  # no usable bound, or a loose one: rank the fp32 scores in full
         (values[i],), (found[i],) = _top(queries[i:i + 1] @ gallery.T, k, mask)
     return values, found
+
+
+def _kth_at_most(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row of ``scores``, a value at most its k-th highest: the k-th highest of the maxima of at least 32 k
+    blocks of columns (k of them are k different columns' values). One pass over the scores instead of
+    ``topk``'s selection (32 x 100,000: 0.6 vs 4.4 ms), and equal to the k-th highest unless two of the top k
+    share a block. Rows with fewer than k finite block maxima get their exact k-th highest."""
+    width = scores.shape[1] // (32 * k)
+    if width < 8:
+        return torch.topk(scores, k, dim=1).values[:, -1]
+    maxima = scores.unfold(1, width, width).amax(2)  # (Q, N // width); the last N % width columns come next
+    if scores.shape[1] % width:
+        maxima = torch.cat([maxima, scores[:, -(scores.shape[1] % width):].amax(1, keepdim=True)], 1)
+    kth = torch.topk(maxima, k, dim=1).values[:, -1]
+    few = torch.isneginf(kth).nonzero()[:, 0]  # e.g. a camera filter whose rows sit in few blocks
+    if len(few):
+        kth[few] = torch.topk(scores[few], k, dim=1).values[:, -1]
+    return kth
 
 
 def _by_query(x: torch.Tensor, which: torch.Tensor, count: int, fill: float = -np.inf) -> torch.Tensor:
