@@ -128,23 +128,26 @@ def test_a_camera_filter_whose_rows_sit_together_needs_no_full_scan(kind: type, 
 
 
 @pytest.mark.parametrize("n", [10_000, 10_007, 500])
-def test_kth_at_most_is_a_floor_of_the_kth_score_and_exact_for_spread_top_rows(n: int) -> None:
+def test_kth_at_most_is_a_floor_of_the_kth_score_and_exact_for_neighbouring_top_rows(n: int) -> None:
+    """Block j of the B blocks holds columns j, j + B, ...: the top k of a gallery sorted by identity (side by
+    side) fall in k blocks, and the value is exact; k top columns B apart share a block, and it is lower."""
     k, rng = 5, np.random.default_rng(n)
-    blocks = n // (32 * k) >= 8  # columns in blocks of at least 8 (else torch.topk itself)
+    width = n // (32 * k)  # columns per block; under 8: torch.topk itself
     scores = torch.from_numpy(rng.standard_normal((6, n)).astype(np.float32))
     scores[0] = scores[0].round(decimals=1)  # many ties
-    scores[1, :k] = 10 + torch.arange(k, dtype=torch.float32)  # the top k side by side, in one block
+    scores[1, 40:40 + k] = 10 + torch.arange(k, dtype=torch.float32)  # the top k side by side
     scores[2] = -np.inf
     scores[2, -3:] = 1.0  # fewer than k finite scores: the k-th highest is -inf
     scores[3] = -np.inf
-    scores[3, 100:106] = torch.arange(1, 7, dtype=torch.float32)  # k + 1 finite scores, all in one block
-    scores[4, ::n // k] = 20 + torch.arange(k + (n % k > 0), dtype=torch.float32)[:len(scores[4, ::n // k])]
+    scores[3, 100:100 + k + 1] = torch.arange(1, k + 2, dtype=torch.float32)  # k + 1 finite scores, side by side
+    scores[4, -k:] = 20 + torch.arange(k, dtype=torch.float32)  # side by side in the last columns
+    if width >= 8:
+        scores[5, 3::n // width][:k] = 30 + torch.arange(k, dtype=torch.float32)  # all in block 3
     kth = torch.from_numpy(np.sort(scores.numpy(), axis=1)[:, -k])
     got = exact_module._kth_at_most(scores, k)
     assert (got <= kth).all()
-    assert got[1] < 10 if blocks else got[1] == 10  # a lower value where the top k share a block: still a floor
-    assert got[2] == -np.inf and got[3] == 2.0  # the exact k-th where block maxima are too few
-    assert got[4] == kth[4] >= 20  # top k columns n / k apart: in k different blocks
+    assert got[1] == 10 and got[2] == -np.inf and got[3] == 2.0 and got[4] == 20
+    assert got[5] < 30 if width >= 8 else got[5] == kth[5]
 
 
 def test_a_bf16_multiply_that_does_not_sum_in_fp32_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,3 +315,19 @@ def test_rows_tied_at_the_kth_score_come_lowest_row_first(kind: type | None) -> 
     np.testing.assert_array_equal(rows[0], copies[:5])
     scores, rows = exact_search(torch.from_numpy(gallery), query, 0, first_pass=first)
     assert scores.shape == rows.shape == (1, 0)
+
+
+@pytest.mark.parametrize("kind", PASSES)
+@pytest.mark.parametrize("seed", range(6))
+def test_copies_of_a_row_across_the_kth_place_come_lowest_row_first(kind: type, seed: int) -> None:
+    """30 copies of a row ranked 4th to 33rd, k = 10: the 7 lowest copies, after the 3 better rows. Copies
+    re-scored in fp32 blocks came back by where they sat in the block (last-bit rounding); fp64 sums don't."""
+    rng = np.random.default_rng(seed)
+    d = int(rng.choice([64, 128, 256, 300]))
+    gallery, query = _unit(4000, d, seed), _unit(1, d, seed + 100)
+    copies = np.sort(rng.choice(4000, 30, replace=False))
+    better = rng.choice(np.setdiff1d(np.arange(4000), copies), 3, replace=False)
+    row = query[0] * 0.8 + _unit(1, d, seed + 200)[0] * 0.6
+    gallery[copies], gallery[better] = row / np.linalg.norm(row), query[0]
+    _, rows = exact_search(torch.from_numpy(gallery), query, 10, first_pass=_made(kind, gallery))
+    np.testing.assert_array_equal(rows[0], np.concatenate([np.sort(better), copies[:7]]))

@@ -4,9 +4,11 @@ One pass over an fp32 gallery of N x D values reads 4 N D bytes, which bounds th
 one or a few queries by the machine's memory bandwidth (1.23 GB, about 60 ms, for 100,000 CGPN features on
 a 2-core Xeon). A first pass reads a compact copy instead: scores of the whole gallery, each within a proven
 bound of the fp32 search's; the rows whose first score is within twice the widest bound of the k-th are
-bounded one by one, and those that can still reach a query's top k are scored again in fp32. Its
-results are the exact top k of fp32 scores (equal to the full fp32 search's up to the last bit of fp32
-rounding, which differs between BLAS calls): a faster way to compute them, not an approximation.
+bounded one by one, and those that can still reach a query's top k are scored again (the k best first,
+whose k-th exact score then rules out more of the rest), summed in fp64 and rounded to fp32. Its results are
+the exact top k of fp32 scores (equal to the full fp32 search's up to the last bit of fp32 rounding, which
+differs between BLAS calls; copies of a row score equally): a faster way to compute them, not an
+approximation.
 
 - ``Int8FirstPass``: int8 rows (a quarter of the bytes) and int32 sums, exact; each query is written as two
   int8 vectors, so its own rounding leaves no error worth the name. The product is oneDNN's quantized linear
@@ -350,8 +352,18 @@ def _searched_from_bounds(gallery: torch.Tensor, queries: torch.Tensor, k: int, 
         score, slack = first.values[which, rows].double(), first.slack(which, rows)
         kth_lower = _by_query(score - slack, which, count).topk(k, dim=1).values[:, -1]  # k rows are this good
         reach = score + slack >= kth_lower[which]  # every row of the exact top k (at least k rows per query)
-        which, rows = which[reach], rows[reach]
-        values, columns = _highest(_by_query(_rescored(gallery, queries, which, rows), which, count), k)
+        which, rows, score, slack = which[reach], rows[reach], score[reach], slack[reach]
+        # Each query's k rows of highest first scores, scored in fp32 first: k rows score at least the k-th of
+        # them, so a row that can only score less is not scored at all (random rows: a third of them scored)
+        seed = _highest_pairs(score, which, count, k)
+        exact = torch.full((len(which),), -math.inf)
+        exact[seed] = _rescored(gallery, queries, which[seed], rows[seed])
+        kth = _by_query(exact[seed], which[seed], count).topk(k, dim=1).values[:, -1]
+        rest = ~seed & (score + slack >= kth[which].double())
+        exact[rest] = _rescored(gallery, queries, which[rest], rows[rest])
+        kept = seed | rest
+        which, rows = which[kept], rows[kept]
+        values, columns = _highest(_by_query(exact[kept], which, count), k)
         found = _by_query(rows, which, count, -1).gather(1, torch.from_numpy(columns)).numpy()  # ties: lower row
     for i in full.nonzero()[:, 0].tolist():  # no usable bound, or a loose one: rank the fp32 scores in full
         (values[i],), (found[i],) = _top(queries[i:i + 1] @ gallery.T, k, mask)
@@ -361,19 +373,33 @@ def _searched_from_bounds(gallery: torch.Tensor, queries: torch.Tensor, k: int, 
 def _kth_at_most(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Per row of ``scores``, a value at most its k-th highest: the k-th highest of the maxima of at least 32 k
     blocks of columns (k of them are k different columns' values). One pass over the scores instead of
-    ``topk``'s selection (32 x 100,000: 0.6 vs 4.4 ms), and equal to the k-th highest unless two of the top k
-    share a block. Rows with fewer than k finite block maxima get their exact k-th highest."""
-    width = scores.shape[1] // (32 * k)
+    ``topk``'s selection (32 x 100,000: 0.6 vs 4.4 ms). Block j holds columns j, j + B, j + 2 B, ... (B
+    blocks), so the neighbouring rows of a gallery sorted by identity, where a query's top k often sit,
+    fall in different blocks, and the value is the k-th highest unless two of the top k share one. Rows
+    with fewer than k finite block maxima get their exact k-th highest."""
+    n = scores.shape[1]
+    width = n // (32 * k)  # columns per block
     if width < 8:
         return torch.topk(scores, k, dim=1).values[:, -1]
-    maxima = scores.unfold(1, width, width).amax(2)  # (Q, N // width); the last N % width columns come next
-    if scores.shape[1] % width:
-        maxima = torch.cat([maxima, scores[:, -(scores.shape[1] % width):].amax(1, keepdim=True)], 1)
+    blocks = n // width
+    maxima = scores.unfold(1, blocks, blocks).amax(1)  # (Q, B): over the windows of B columns
+    tail = n - width * blocks  # fewer than B columns left: column j of them into block j
+    if tail:
+        maxima[:, :tail] = torch.maximum(maxima[:, :tail], scores[:, width * blocks:])
     kth = torch.topk(maxima, k, dim=1).values[:, -1]
-    few = torch.isneginf(kth).nonzero()[:, 0]  # e.g. a camera filter whose rows sit in few blocks
+    few = torch.isneginf(kth).nonzero()[:, 0]  # e.g. a camera filter that leaves few rows
     if len(few):
         kth[few] = torch.topk(scores[few], k, dim=1).values[:, -1]
     return kth
+
+
+def _highest_pairs(x: torch.Tensor, which: torch.Tensor, count: int, k: int) -> torch.Tensor:
+    """Mask of the k pairs of highest ``x`` of each query that has pairs (at least k of them)."""
+    counts = torch.bincount(which, minlength=count)
+    top = _by_query(x, which, count).topk(k, dim=1).indices + (counts.cumsum(0) - counts)[:, None]
+    chosen = torch.zeros(len(which), dtype=torch.bool)
+    chosen[top[counts > 0].flatten()] = True
+    return chosen
 
 
 def _by_query(x: torch.Tensor, which: torch.Tensor, count: int, fill: float = -np.inf) -> torch.Tensor:
@@ -391,16 +417,21 @@ _RESCORE_ROWS = 1024  # rows gathered at a time into one buffer: a fresh tensor 
 
 
 def _rescored(gallery: torch.Tensor, queries: torch.Tensor, which: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """fp32 scores of the (query, row) pairs: each row's inner product with its query, as the fp32 search's."""
-    out = torch.empty(len(rows))
+    """fp32 scores of the (query, row) pairs: each row's inner product with its query, summed in fp64 and
+    rounded once to fp32. Equal rows so score equally wherever they sit, in one call or in two (an fp32
+    matrix-vector product rounds a row by its place in the block: copies of a row at the k-th place came back
+    in that order, not lowest row first)."""
+    out = torch.empty(len(rows), dtype=torch.float64)
+    wide = queries.double()
     buffer = torch.empty((min(_RESCORE_ROWS, len(rows)), gallery.shape[1]))
+    buffer64 = torch.empty(buffer.shape, dtype=torch.float64)
     starts = torch.searchsorted(which, torch.arange(len(queries) + 1)).tolist()
     for i, (start, end) in enumerate(itertools.pairwise(starts)):
         for chunk in range(start, end, _RESCORE_ROWS):
             stop = min(chunk + _RESCORE_ROWS, end)
             block = torch.index_select(gallery, 0, rows[chunk:stop], out=buffer[:stop - chunk])
-            torch.mv(block, queries[i], out=out[chunk:stop])
-    return out
+            torch.mv(buffer64[:stop - chunk].copy_(block), wide[i], out=out[chunk:stop])
+    return out.float()
 
 
 def _down(x: torch.Tensor) -> torch.Tensor:
