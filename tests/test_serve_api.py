@@ -5,6 +5,7 @@ user; the files it must not touch; the command line."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import json
@@ -101,6 +102,11 @@ def test_feature_search_equals_brute_force(client: TestClient, ref: dict, camids
         hits = answer.json()["results"]
         rows, scores = brute_force(ref, query, 7, camids)
         assert [h["id"] for h in hits] == rows
+        packed = base64.b64encode(query.astype("<f4").tobytes()).decode()  # the same feature as float32 bytes
+        as_bytes = client.post("/api/search", json={"feature_base64": packed, "topk": 7, "camids": camids})
+        assert as_bytes.status_code == 200, as_bytes.text
+        assert [h["id"] for h in as_bytes.json()["results"]] == rows
+        np.testing.assert_allclose([h["score"] for h in as_bytes.json()["results"]], scores, atol=1e-5)
         np.testing.assert_allclose([h["score"] for h in hits], scores, atol=1e-5)
         unit = query / np.linalg.norm(query)  # distance: Euclidean between the unit vectors, computed here
         g = ref["features"][rows] / np.linalg.norm(ref["features"][rows], axis=1, keepdims=True)
@@ -297,6 +303,10 @@ def _truncated_jpeg(gallery: Gallery) -> bytes:
     return data[: len(data) // 2]
 
 
+def _b64(values: list[float], dtype: str = "<f4") -> str:
+    return base64.b64encode(np.asarray(values, dtype=dtype).tobytes()).decode()
+
+
 BAD_REQUESTS = {
     "not an image": (lambda g: {"files": {"image": ("person.jpg", b"GIF? no: plain text", "image/jpeg")}},
                      415, "the upload is not an image"),
@@ -323,6 +333,15 @@ BAD_REQUESTS = {
     "NaN in the feature": (lambda g: {"content": '{"feature": [NaN' + ", 1.0" * 3071 + "]}",
                                       "headers": {"content-type": "application/json"}}, 422, "NaN or infinite"),
     "zero feature": (lambda g: {"json": {"feature": [0.0] * 3072}}, 422, "all zeros"),
+    "both feature forms": (lambda g: {"json": {"feature": [0.5] * 3072, "feature_base64": _b64([0.5] * 3072)}}, 422,
+                           "not both"),
+    "no feature": (lambda g: {"json": {"topk": 3}}, 422, "not neither"),
+    "feature_base64 not base64": (lambda g: {"json": {"feature_base64": "AAAA!AAA"}}, 422, "feature_base64 is not "
+                                  "base64"),
+    "feature_base64 of float64": (lambda g: {"json": {"feature_base64": _b64([0.5] * 3072, "<f8")}}, 422,
+                                  "feature_base64 holds 24576 bytes; this index holds 3072-d features: 12288 bytes"),
+    "NaN in feature_base64": (lambda g: {"json": {"feature_base64": _b64([np.nan] + [1.0] * 3071)}}, 422,
+                              "NaN or infinite"),
     "topk 0": (lambda g: {"json": {"feature": [0.5] * 3072, "topk": 0}}, 422, "topk: Input should be greater than "
                "or equal to 1 (got 0)"),
     "topk 0 with an image": (lambda g: {"files": {"image": _jpeg(sorted(g.queries.glob("*.jpg"))[0])},

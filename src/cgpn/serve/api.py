@@ -75,7 +75,8 @@ async def health(service: Service) -> Health:
 
 @router.post("/search", response_model=SearchResponse, summary="The nearest gallery images of a query",
              description="Send either an image (`multipart/form-data`, file field `image`, optional `topk` and "
-             "repeated `camids`) or a feature (`application/json`: `feature`, `topk`, `camids`). Results are "
+             "repeated `camids`) or a feature (`application/json`: `feature` as numbers or `feature_base64` as base64 "
+             "of its little-endian float32 bytes, `topk`, `camids`). Results are "
              "ranked as `cgpn search --json` ranks them for the same image.",
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": FeatureQuery.model_json_schema()},
@@ -106,7 +107,7 @@ async def _query(request: Request, service: SearchService) -> tuple[ImageQuery |
             query = FeatureQuery.model_validate_json(await request.body())
         except ValidationError as err:
             raise RequestError(validation_message(err)) from None
-        return query, service.check_feature(query.feature)
+        return query, service.query_feature(query)
     raise RequestError(f"content type '{content_type[:60]}' is not accepted: send multipart/form-data with an image "
                        f"in field 'image', or application/json with a 'feature'", 415)
 

@@ -18,9 +18,14 @@ class _Query(BaseModel):
 
 
 class FeatureQuery(_Query):
-    """A search by feature: the query's feature vector (the index's size, e.g. 3072; re-normalised)."""
+    """A search by feature: the query's feature vector (the index's size, e.g. 3072; re-normalised), as JSON
+    numbers or as base64 of its float32 bytes; one of the two."""
 
-    feature: list[float] = Field(..., description="the query feature, e.g. a row of cgpn extract's output")
+    feature: list[float] | None = Field(None, description="the query feature as numbers, e.g. a row of cgpn "
+                                        "extract's output")
+    feature_base64: str | None = Field(None, description="the query feature as base64 of its little-endian float32 "
+                                       "values (4 x D bytes; in Python `base64.b64encode(x.astype('<f4').tobytes())`): "
+                                       "half the bytes of `feature`, and cheaper for the server to read")
 
 
 class ImageQuery(_Query):

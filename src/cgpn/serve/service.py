@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import io
 import logging
@@ -35,7 +37,7 @@ from cgpn.errors import CgpnError, RequestError
 from cgpn.extractor import FeatureExtractor, list_images
 from cgpn.retrieval import GalleryIndex, parse_market_names
 from cgpn.serve.batching import MicroBatcher, Ticket
-from cgpn.serve.models import GalleryItem, Health, Hit, ModelInfo
+from cgpn.serve.models import FeatureQuery, GalleryItem, Health, Hit, ModelInfo
 
 __all__ = ["THUMB_SIZE", "SearchService", "Upload"]
 
@@ -193,7 +195,25 @@ class SearchService:
                 self._features.popitem(last=False)
         return feature
 
-    def check_feature(self, values: Sequence[float]) -> np.ndarray:
+    def query_feature(self, query: FeatureQuery) -> np.ndarray:
+        """The checked (D,) float32 feature of a feature query, from its numbers or its base64, or a RequestError
+        (422) that says what is wrong."""
+        if (query.feature is None) == (query.feature_base64 is None):
+            raise RequestError("send the feature in one of 'feature' (numbers) and 'feature_base64' (base64 of its "
+                               f"float32 bytes), not {'both' if query.feature is not None else 'neither'}")
+        if query.feature is not None:
+            return self.check_feature(query.feature)
+        try:
+            data = base64.b64decode(query.feature_base64, validate=True)
+        except binascii.Error as err:
+            raise RequestError(f"feature_base64 is not base64 ({err}): send base64 of the feature's little-endian "
+                               f"float32 bytes") from None
+        if len(data) != 4 * self.dim:
+            raise RequestError(f"feature_base64 holds {len(data)} bytes; this index holds {self.dim}-d features: "
+                               f"{4 * self.dim} bytes of little-endian float32")
+        return self.check_feature(np.frombuffer(data, dtype="<f4"))
+
+    def check_feature(self, values: Sequence[float] | np.ndarray) -> np.ndarray:
         """A client's feature as a (D,) float32 array, or a RequestError (422): wrong size, not finite, zero."""
         feature = np.asarray(values, dtype=np.float32)
         if feature.shape != (self.dim,):
