@@ -13,6 +13,7 @@ import re
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cgpn.config import ServeSettings
+from cgpn.extractor import FeatureExtractor
 from cgpn.retrieval import GalleryIndex
 from cgpn.serve import SearchService, create_app
 from cgpn.serve.batching import MicroBatcher
@@ -215,6 +217,46 @@ def test_micro_batcher_serves_what_waits_in_one_call() -> None:
     assert failing.submit(4).result(10) == 0.25  # the worker survives a failed batch
     batcher.close()
     failing.close()
+
+
+def test_micro_batchers_can_share_one_thread_for_their_calls() -> None:
+    where: list[str] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shared") as shared:
+        batchers = [MicroBatcher(lambda items: where.append(threading.current_thread().name) or items, max_batch=4,
+                                 name=f"b{i}", executor=shared) for i in range(2)]
+        assert [b.submit(i).result(10) for i, b in enumerate(batchers)] == [0, 1]
+        for b in batchers:
+            b.close()
+    assert where == ["shared_0", "shared_0"]
+
+
+def test_all_torch_work_of_the_service_runs_on_its_one_torch_thread(gallery: Gallery,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading, the first pass, the network, preprocessing, embedding and searching: never on the caller's
+    thread or the batchers' (libgomp gives each thread that starts parallel work an OpenMP team of its own;
+    with more teams than CPUs each parallel op waits for a wake-up: see ``torch_thread``)."""
+    seen: list[tuple[str, str]] = []
+
+    def spy(owner: type, name: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            seen.append((name, threading.current_thread().name))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapped)
+
+    for owner, name in ((GalleryIndex, "load"), (GalleryIndex, "first_pass"), (GalleryIndex, "search"),
+                        (FeatureExtractor, "__init__"), (FeatureExtractor, "preprocess")):
+        spy(owner, name)
+    service = SearchService.open(gallery.index, queries=gallery.queries, device="cpu", backend="eager")
+    try:
+        feature = asyncio.run(service.embed(Image.open(sorted(gallery.queries.glob("*.jpg"))[0]).convert("RGB")))
+        asyncio.run(service.search(feature, 5))
+    finally:
+        service.close()
+    assert {name for name, _ in seen} == {"load", "first_pass", "search", "__init__", "preprocess"}
+    assert {thread for _, thread in seen} == {"cgpn-torch_0"}, seen
 
 
 # --- what a person sees (HTML) --------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from typing import Generic, TypeVar
 
 __all__ = ["MicroBatcher", "Ticket"]
@@ -69,6 +69,7 @@ class MicroBatcher(Generic[T, R]):
         name: the worker thread's name (in logs and stack dumps).
         wait_fraction, max_wait: how long a call may wait for announced items (share of the previous
             call's time, and seconds).
+        executor: where ``fn`` runs (e.g. one thread that several batchers share); None: the worker thread.
 
     Example:
         >>> batcher = MicroBatcher(lambda xs: [x * 2 for x in xs], max_batch=32, name="double")
@@ -77,14 +78,15 @@ class MicroBatcher(Generic[T, R]):
     """
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], max_batch: int, name: str,
-                 wait_fraction: float = WAIT_FRACTION, max_wait: float = WAIT_CAP) -> None:
+                 wait_fraction: float = WAIT_FRACTION, max_wait: float = WAIT_CAP,
+                 executor: Executor | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        self.fn, self.max_batch = fn, max_batch
+        self.fn, self.max_batch, self.executor = fn, max_batch, executor
         self.wait_fraction, self.max_wait = wait_fraction, max_wait
         self.calls = 0  # calls of fn so far
         self.items = 0  # items served so far (items / calls: the mean batch)
-        self.seconds = 0.0  # time spent in calls of fn so far
+        self.seconds = 0.0  # time spent in calls of fn so far (with an executor: until their results)
         self._queue: queue.SimpleQueue[tuple[T, Future[R]] | None] = queue.SimpleQueue()
         self._expected = 0  # open tickets: items announced, not yet submitted
         self._lock = threading.Lock()
@@ -154,7 +156,8 @@ class MicroBatcher(Generic[T, R]):
 
     def _call(self, batch: list[tuple[T, Future[R]]]) -> None:
         try:
-            results = self.fn([item for item, _ in batch])
+            items = [item for item, _ in batch]
+            results = self.fn(items) if self.executor is None else self.executor.submit(self.fn, items).result()
             if len(results) != len(batch):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
         except BaseException as err:  # the callers get it; the worker keeps serving
