@@ -380,6 +380,8 @@ BAD_REQUESTS = {
     "no feature": (lambda g: {"json": {"topk": 3}}, 422, "not neither"),
     "feature_base64 not base64": (lambda g: {"json": {"feature_base64": "AAAA!AAA"}}, 422, "feature_base64 is not "
                                   "base64"),
+    "feature_base64 not ASCII": (lambda g: {"json": {"feature_base64": "\u00ff\u00ff\u00ff\u00ff"}}, 422,
+                                 "feature_base64 is not base64"),
     "feature_base64 of float64": (lambda g: {"json": {"feature_base64": _b64([0.5] * 3072, "<f8")}}, 422,
                                   "feature_base64 holds 24576 bytes; this index holds 3072-d features: 12288 bytes"),
     "NaN in feature_base64": (lambda g: {"json": {"feature_base64": _b64([np.nan] + [1.0] * 3071)}}, 422,

@@ -230,7 +230,7 @@ class SearchService:
             return self.check_feature(query.feature)
         try:
             data = base64.b64decode(query.feature_base64, validate=True)
-        except binascii.Error as err:
+        except (binascii.Error, ValueError) as err:  # ValueError: a character outside ASCII
             raise RequestError(f"feature_base64 is not base64 ({err}): send base64 of the feature's little-endian "
                                f"float32 bytes") from None
         if len(data) != 4 * self.dim:
