@@ -111,7 +111,7 @@ async def _query(request: Request, service: SearchService) -> tuple[ImageQuery |
             raise RequestError(validation_message(err)) from None
         return query, service.query_feature(query)
     raise RequestError(f"content type '{content_type[:60]}' is not accepted: send multipart/form-data with an image "
-                       f"in field 'image', or application/json with a 'feature'", 415)
+                       f"in field 'image', or application/json with a 'feature' or 'feature_base64'", 415)
 
 
 def _image_routes(kind: str, prefix: str, number: type) -> None:

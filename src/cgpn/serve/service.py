@@ -90,7 +90,8 @@ class SearchService:
         queries: image files offered as queries on the page (``cgpn serve --queries``).
         settings: limits and sizes (``ServeSettings``).
         executor: the thread that embeds and searches (``torch_thread()``, made here when None; ``open``
-            loads the index and the network on it too, so no other thread of the process starts torch work).
+            loads the index and the network on it too, so no other thread of the process starts torch work);
+            ``close`` shuts it down.
     """
 
     def __init__(self, index: GalleryIndex, extractor: FeatureExtractor, queries: Sequence[str | Path] = (),
