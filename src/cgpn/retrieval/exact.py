@@ -353,8 +353,8 @@ def _searched_from_bounds(gallery: torch.Tensor, queries: torch.Tensor, k: int, 
         kth_lower = _by_query(score - slack, which, count).topk(k, dim=1).values[:, -1]  # k rows are this good
         reach = score + slack >= kth_lower[which]  # every row of the exact top k (at least k rows per query)
         which, rows, score, slack = which[reach], rows[reach], score[reach], slack[reach]
-        # Each query's k rows of highest first scores, scored in fp32 first: k rows score at least the k-th of
-        # them, so a row that can only score less is not scored at all (random rows: a third of them scored)
+        # Each query's k rows of highest first scores are scored first: k rows score at least the k-th of them,
+        # so a row that can only score less is not scored at all (random rows: a third of them scored)
         seed = _highest_pairs(score, which, count, k)
         exact = torch.full((len(which),), -math.inf)
         exact[seed] = _rescored(gallery, queries, which[seed], rows[seed])
@@ -423,9 +423,10 @@ def _rescored(gallery: torch.Tensor, queries: torch.Tensor, which: torch.Tensor,
     in that order, not lowest row first)."""
     out = torch.empty(len(rows), dtype=torch.float64)
     wide = queries.double()
-    buffer = torch.empty((min(_RESCORE_ROWS, len(rows)), gallery.shape[1]))
-    buffer64 = torch.empty(buffer.shape, dtype=torch.float64)
     starts = torch.searchsorted(which, torch.arange(len(queries) + 1)).tolist()
+    most = max((end - start for start, end in itertools.pairwise(starts)), default=0)  # a chunk is one query's
+    buffer = torch.empty((min(_RESCORE_ROWS, most), gallery.shape[1]))
+    buffer64 = torch.empty(buffer.shape, dtype=torch.float64)
     for i, (start, end) in enumerate(itertools.pairwise(starts)):
         for chunk in range(start, end, _RESCORE_ROWS):
             stop = min(chunk + _RESCORE_ROWS, end)
