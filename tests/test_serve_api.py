@@ -104,8 +104,7 @@ def test_feature_search_equals_brute_force(client: TestClient, ref: dict, camids
         hits = answer.json()["results"]
         rows, scores = brute_force(ref, query, 7, camids)
         assert [h["id"] for h in hits] == rows
-        packed = base64.b64encode(query.astype("<f4").tobytes()).decode()  # the same feature as float32 bytes
-        as_bytes = client.post("/api/search", json={"feature_base64": packed, "topk": 7, "camids": camids})
+        as_bytes = client.post("/api/search", json={"feature_base64": _b64(query), "topk": 7, "camids": camids})
         assert as_bytes.status_code == 200, as_bytes.text
         assert [h["id"] for h in as_bytes.json()["results"]] == rows
         np.testing.assert_allclose([h["score"] for h in as_bytes.json()["results"]], scores, atol=1e-5)
@@ -345,7 +344,8 @@ def _truncated_jpeg(gallery: Gallery) -> bytes:
     return data[: len(data) // 2]
 
 
-def _b64(values: list[float], dtype: str = "<f4") -> str:
+def _b64(values: list[float] | np.ndarray, dtype: str = "<f4") -> str:
+    """A feature as feature_base64 sends it: base64 of its little-endian bytes (float32 unless told)."""
     return base64.b64encode(np.asarray(values, dtype=dtype).tobytes()).decode()
 
 
