@@ -149,3 +149,85 @@ def test_eta_of_other_seeds_comes_from_the_finished_seeds(finished, grid_file, m
     seconds = {r.row: r.seconds for r in records if r.seed == 0}
     assert f"ETA {study._duration(sum(seconds.values()))}" in lines[0]
     assert all(f"{row} ~{study._duration(t)}" in lines[0] for row, t in seconds.items())
+
+
+def _same_runs(mine, theirs):
+    """Records equal to the two decimals of a percentage that runs.csv keeps."""
+    assert sorted((r.row, r.seed) for r in mine) == sorted((r.row, r.seed) for r in theirs)
+    for r in mine:
+        t = next(x for x in theirs if (x.row, x.seed) == (r.row, r.seed))
+        assert (r.split, r.epochs, r.result_epoch, r.machine) == (t.split, t.epochs, t.result_epoch, t.machine)
+        for a, b in ((r.rank1, t.rank1), (r.mAP, t.mAP), (r.mINP, t.mINP), (r.val_mAP, t.val_mAP),
+                     *zip(r.occluded["0.2"], t.occluded["0.2"])):
+            assert a == pytest.approx(b, abs=5e-5)
+
+
+def test_runs_from_another_folder_count_as_finished(finished, tmp_path, monkeypatch):
+    """A grid whose folder is lost resumes from its runs.csv: nothing retrained, the same table."""
+    grid, out, records = finished
+    monkeypatch.setattr(study, "run_one", lambda *a: pytest.fail("retrained a run of --runs-from"))
+    monkeypatch.setattr(study, "_step_seconds", lambda cfg, steps=3: pytest.fail("timed a probe"))
+    again = study.run_study(grid, tmp_path / "new", runs_from=out / "runs.csv", report=lambda line: None)
+    _same_runs(again, records)
+    rows = list(csv.DictReader((tmp_path / "new" / "runs.csv").open()))
+    assert [(r["setting"], r["seed"]) for r in rows] == [("cgpn", "0"), ("cgpn", "1"), ("mgn", "0"), ("mgn", "1")]
+    assert (tmp_path / "new" / "table.md").read_text().splitlines()[0] == (out / "table.md").read_text().splitlines()[0]
+
+
+def test_runs_from_fills_the_gaps_and_local_runs_win(finished, grid_file, tmp_path, monkeypatch, capsys):
+    grid, out, records = finished
+    lines = (out / "runs.csv").read_text().splitlines()
+    header = next(csv.reader([lines[0]]))
+    edited = [lines[0]]
+    for line in lines[1:]:
+        cells = dict(zip(header, next(csv.reader([line]))))
+        if cells["setting"] == "cgpn":  # a different Rank-1 for the runs the folder below also has
+            cells["Rank-1"] = "99.5"
+        edited.append(",".join(f'"{v}"' if "," in v else v for v in cells.values()))
+    foreign = tmp_path / "foreign.csv"
+    foreign.write_text("\n".join(edited) + "\n")
+    import shutil
+
+    local = tmp_path / "local"
+    shutil.copytree(out / "cgpn", local / "cgpn")  # cgpn finished here, mgn only in the CSV
+    monkeypatch.setattr(study, "run_one", lambda *a: pytest.fail("retrained a finished run"))
+    merged = study.run_study(grid, local, runs_from=foreign, report=lambda line: None)
+    _same_runs([r for r in merged if r.row == "cgpn"], [r for r in records if r.row == "cgpn"])
+    _same_runs([r for r in merged if r.row == "mgn"], [r for r in records if r.row == "mgn"])
+    # lines of settings the grid does not hold are skipped, not an error
+    only_mgn = study.load_grid(grid_file, rows=["mgn"], seeds=[1])
+    assert [(r.row, r.seed) for r in study.read_runs_csv(foreign, only_mgn)] == [("mgn", 1)]
+    # the CLI: a dry run trains nothing, writes the table of the finished runs, says so
+    assert main(["-q", "study", str(grid_file), "--out", str(tmp_path / "dry"), "--runs-from", str(foreign),
+                 "--rows", "mgn", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("study: 1 settings x 2 seeds = 2 runs, 2 finished; ETA 0 min 00 s")
+    assert "2 finished runs; table:" in printed
+    table = (tmp_path / "dry" / "table.md").read_text().splitlines()
+    mgn = [100 * r.rank1 for r in records if r.row == "mgn"]
+    assert table[2].startswith(f"| mgn | 2 | {np.mean(mgn):.1f} ± {np.std(mgn, ddof=1):.1f} |")
+
+
+def test_runs_from_mistakes_are_one_line(finished, grid_file, tmp_path, capsys):
+    grid, out, _records = finished
+    with pytest.raises(ConfigError, match="is not a file"):
+        study.read_runs_csv(tmp_path / "none.csv", grid)
+    other = tmp_path / "grid2.yaml"
+    data = yaml.safe_load(grid_file.read_text())
+    other.write_text(yaml.safe_dump({**data, "occlude": [0.1, 0.3]}))
+    with pytest.raises(ConfigError, match=r"has the columns .*mAP 20% hidden.*this grid's runs.csv has .*"
+                                          r"mAP 10% hidden"):
+        study.read_runs_csv(out / "runs.csv", study.load_grid(other))
+    broken = tmp_path / "broken.csv"
+    text = (out / "runs.csv").read_text().splitlines()
+    broken.write_text("\n".join([text[0], text[1].replace(",val,", ",val,x", 1), *text[2:]]) + "\n")
+    with pytest.raises(ConfigError, match="line 2 is not a run"):
+        study.read_runs_csv(broken, grid)
+    short = tmp_path / "short.csv"
+    short.write_text("\n".join([text[0], "cgpn,0,val"]) + "\n")
+    with pytest.raises(ConfigError, match=r"line 2 is not a run \(3 values for"):
+        study.read_runs_csv(short, grid)
+    assert main(["-q", "study", str(grid_file), "--out", str(tmp_path / "o"), "--runs-from", str(broken),
+                 "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "line 2 is not a run" in err and len(err.strip().splitlines()) == 1

@@ -259,9 +259,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.grid, rows=args.rows.split(",") if args.rows else None,
                      seeds=ints(args.seeds) if args.seeds else None)
-    records = run_study(grid, args.out, dry_run=args.dry_run)
-    if not args.dry_run:
-        print(f"{len(records)} runs; table: {Path(args.out) / 'table.md'}, per run: {Path(args.out) / 'runs.csv'}, "
+    records = run_study(grid, args.out, dry_run=args.dry_run, runs_from=args.runs_from)
+    if records:
+        print(f"{len(records)} finished runs; table: {Path(args.out) / 'table.md'}, per run: {Path(args.out) / 'runs.csv'}, "
               f"picture: {Path(args.out) / 'occlusion.png'}")
     return 0
 
@@ -579,7 +579,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder of the runs, runs.csv, table.md and occlusion.png")
     p.add_argument("--rows", help="only these settings (comma-separated names of the grid's rows)")
     p.add_argument("--seeds", help="only these seeds (comma-separated)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and its ETA, train nothing")
+    p.add_argument("--runs-from", metavar="CSV", help="the runs.csv of an earlier study (another machine, a lost "
+                   "folder): its runs of this grid count as finished and join the table")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and its ETA and write the table of the "
+                   "runs finished so far; train nothing")
     p.set_defaults(func=cmd_study)
 
     p = verbs.add_parser("check-data", parents=[common],

@@ -17,7 +17,8 @@ run's result (``best.pt`` when ``data.val_ids`` selects it on the validation spl
 clean and with each occlusion rate hidden, and writes ``out/runs.csv`` (one line per run),
 ``out/table.md`` (mean ± std over seeds per row) and ``out/occlusion.png`` (a line per row). Before
 training it prints an ETA for the whole grid: from finished runs of the same row, else from a few timed
-training steps of each row's network.
+training steps of each row's network. Runs finished elsewhere (another machine, a lost folder) come in
+through their ``runs.csv`` (``runs_from``): they count as finished and join the table.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from cgpn.engine.precision import machine_description
 from cgpn.errors import ConfigError
 from cgpn.files import atomic_path
 
-__all__ = ["Grid", "RunRecord", "load_grid", "run_study", "study_table"]
+__all__ = ["Grid", "RunRecord", "load_grid", "read_runs_csv", "run_study", "study_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -250,16 +251,21 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
 
 
-def run_study(grid: Grid, out: str | Path, dry_run: bool = False,
+def run_study(grid: Grid, out: str | Path, dry_run: bool = False, runs_from: str | Path | None = None,
               report: Callable[[str], None] = print) -> list[RunRecord]:
     """Run (or resume) every run of ``grid`` under ``out``, seed by seed, and write the table, CSV and picture.
 
     Runs go seed-major (every row's seed 0, then every row's seed 1...), so that a grid stopped half-way
-    still compares every row. ``dry_run`` prints the plan and ETA only.
+    still compares every row. ``runs_from`` (a ``runs.csv`` of an earlier study) adds runs finished
+    elsewhere; a run finished under ``out`` wins over its line there. ``dry_run`` trains nothing: it prints
+    the plan and ETA and writes the outputs of the runs finished so far, if any.
     """
     out = Path(out)
     plan = [(row, seed) for seed in grid.seeds for row in grid.rows]
     done = [r for r in (read_record(grid, row, seed, out) for row, seed in plan) if r is not None]
+    if runs_from is not None:
+        have = {(r.row, r.seed) for r in done}
+        done += [r for r in read_runs_csv(runs_from, grid) if (r.row, r.seed) in plan and (r.row, r.seed) not in have]
     finished = {(r.row, r.seed) for r in done}
     todo = [key for key in plan if key not in finished]
     timed = done + _other_seeds_finished(grid, out, plan)  # a row's time does not depend on its seed
@@ -268,6 +274,8 @@ def run_study(grid: Grid, out: str | Path, dry_run: bool = False,
            f"ETA {_duration(sum(estimates[r] for r, _ in todo))} on {machine_description(_device())} "
            f"({', '.join(f'{row} ~{_duration(s)}' for row, s in estimates.items()) or 'nothing to run'})")
     if dry_run:
+        if done:
+            write_outputs(grid, done, out)
         return done
     for i, (row, seed) in enumerate(todo, start=1):
         report(f"[{i}/{len(todo)}] {row}, seed {seed} -> {out / row / f'seed{seed}'}")
@@ -334,18 +342,64 @@ def write_outputs(grid: Grid, records: list[RunRecord], out: Path) -> None:
     """``runs.csv``, ``table.md`` and ``occlusion.png`` of the records so far (each written whole)."""
     cols = _columns(grid)
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["setting", "seed", "split", "epochs", "result_epoch", "val_mAP", *(n for n, _ in cols),
-                     "seconds", "machine"])
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(_csv_header(grid))
     for r in sorted(records, key=lambda r: (list(grid.rows).index(r.row) if r.row in grid.rows else 1e9, r.seed)):
         writer.writerow([r.row, r.seed, r.split, r.epochs, r.result_epoch,
-                         "" if r.val_mAP is None else f"{100 * r.val_mAP:.2f}", *(f"{get(r):.2f}" for _, get in cols),
+                         "" if r.val_mAP is None else _short(100 * r.val_mAP), *(_short(get(r)) for _, get in cols),
                          f"{r.seconds:.0f}", r.machine])
     with atomic_path(out / "runs.csv") as tmp:
         tmp.write_text(buffer.getvalue())
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(study_table(grid, records) + "\n")
     plot_study(grid, records, out / "occlusion.png")
+
+
+def _short(value: float) -> str:
+    """At most two decimals and no trailing zeros (43.30 -> '43.3'): a figure known to 0.1 reads as such."""
+    return f"{round(value, 2):g}"
+
+
+def _csv_header(grid: Grid) -> list[str]:
+    return ["setting", "seed", "split", "epochs", "result_epoch", "val_mAP", *(n for n, _ in _columns(grid)),
+            "seconds", "machine"]
+
+
+def read_runs_csv(path: str | Path, grid: Grid) -> list[RunRecord]:
+    """The runs of a ``runs.csv`` (as ``write_outputs`` writes it) that belong to ``grid``'s rows and seeds.
+
+    Its columns must be this grid's (the same occlusion rates); lines of other settings or seeds are skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--runs-from: '{path}' is not a file (expected the runs.csv of an earlier cgpn study)")
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        expected = _csv_header(grid)
+        if header != expected:
+            raise ConfigError(f"--runs-from: '{path}' has the columns {', '.join(header) or '(none)'}; this grid's "
+                              f"runs.csv has {', '.join(expected)}")
+        records = []
+        for line, values in enumerate(reader, start=2):
+            cells = dict(zip(header, values))
+            try:
+                if len(values) != len(header):
+                    raise ValueError(f"{len(values)} values for {len(header)} columns")
+                if cells["setting"] not in grid.rows or int(cells["seed"]) not in grid.seeds:
+                    continue
+                pct = {name: float(cells[name]) / 100 for name in header[6:-2]}
+                records.append(RunRecord(
+                    row=cells["setting"], seed=int(cells["seed"]), split=cells["split"], epochs=int(cells["epochs"]),
+                    result_epoch=int(cells["result_epoch"]),
+                    val_mAP=float(cells["val_mAP"]) / 100 if cells["val_mAP"] else None,
+                    rank1=pct["Rank-1"], mAP=pct["mAP"], mINP=pct["mINP"],
+                    occluded={f"{r:g}": (pct[f"Rank-1 {100 * r:g}% hidden"], pct[f"mAP {100 * r:g}% hidden"])
+                              for r in grid.occlude},
+                    seconds=float(cells["seconds"]), machine=cells["machine"]))
+            except ValueError as err:
+                raise ConfigError(f"--runs-from: '{path}' line {line} is not a run ({err})") from None
+    return records
 
 
 def plot_study(grid: Grid, records: list[RunRecord], path: Path) -> Path:
