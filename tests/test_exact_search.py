@@ -114,7 +114,7 @@ def test_first_pass_with_rows_of_unequal_length_and_a_camera_filter(kind: type, 
         _, rows = exact_search(torch.from_numpy(gallery), queries, 10, allowed, first_pass=first)
         np.testing.assert_array_equal(rows, _brute_force(gallery, queries, 10, allowed))
     assert (rows[:, 4:] == -1).all()
-    assert full_scans == [(1, 6000)] * 5  # 4 allowed rows, k 10: each query ranked in full
+    assert full_scans == [(5, 6000)]  # 4 allowed rows, k 10: the five queries ranked in full, in one product
 
 
 @pytest.mark.parametrize("kind", PASSES)
@@ -238,7 +238,7 @@ def test_queries_whose_scores_could_overflow_are_searched_in_fp32(kind: type, fu
     gallery, queries = _unit(2000, 64, 13) * np.float32(1e18), _unit(3, 64, 14) * np.float32(1e18)
     _, rows = exact_search(torch.from_numpy(gallery), queries, 10, first_pass=_made(kind, gallery))
     np.testing.assert_array_equal(rows, _brute_force(gallery, queries, 10))
-    assert full_scans == [(1, 2000)] * 3
+    assert full_scans == [(3, 2000)]  # the three queries in one product
 
 
 @pytest.mark.parametrize("product", exact_module.INT8_PRODUCTS)
@@ -331,3 +331,49 @@ def test_copies_of_a_row_across_the_kth_place_come_lowest_row_first(kind: type, 
     gallery[copies], gallery[better] = row / np.linalg.norm(row), query[0]
     _, rows = exact_search(torch.from_numpy(gallery), query, 10, first_pass=_made(kind, gallery))
     np.testing.assert_array_equal(rows[0], np.concatenate([np.sort(better), copies[:7]]))
+
+
+@pytest.mark.parametrize("gallery_first", [False, True])
+def test_both_operand_orders_of_the_fp32_product_give_the_brute_force(gallery_first: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fp32_scores`` as ``q @ g.T`` or ``(g @ q.T).T``: the same scores up to fp32 rounding, the same rows,
+    with and without a camera filter, for every batch size bucket."""
+    monkeypatch.setattr(exact_module, "MIN_VALUES", 1000)
+    monkeypatch.setattr(exact_module, "_gallery_first", {})
+    monkeypatch.setattr(exact_module, "_gallery_first_is_faster", lambda rows, count: gallery_first)
+    gallery = _unit(3000, 64, seed=7)
+    allowed = np.random.default_rng(8).random(3000) < 0.3
+    for count in (1, 3, 8, 33):
+        queries = _unit(count, 64, seed=count)
+        scores = exact_module.fp32_scores(torch.from_numpy(gallery), torch.from_numpy(queries))
+        exact = queries.astype(np.float64) @ gallery.astype(np.float64).T
+        assert scores.shape == (count, 3000) and scores.is_contiguous()
+        assert np.abs(scores.numpy() - exact).max() < 64 * 2.0**-24 * 2  # gamma_d for unit rows, with room
+        for mask in (None, allowed):
+            _, rows = exact_search(torch.from_numpy(gallery), queries, 10, mask)
+            assert (rows == _brute_force(gallery, queries, 10, mask)).all()
+    assert set(exact_module._gallery_first) == {(64, 1), (64, 4), (64, 8), (64, 64)}
+
+
+@pytest.mark.parametrize("slower", [False, True])
+def test_the_faster_operand_order_is_taken_and_timed_once_per_batch_size(slower: bool,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    product = exact_module._product
+
+    def timed(gallery: torch.Tensor, queries: torch.Tensor, gallery_first: bool) -> torch.Tensor:
+        if gallery_first == slower:
+            time.sleep(0.01)
+        return product(gallery, queries, gallery_first)
+
+    monkeypatch.setattr(exact_module, "_product", timed)
+    monkeypatch.setattr(exact_module, "MIN_VALUES", 1000)
+    monkeypatch.setattr(exact_module, "_gallery_first", {})
+    gallery = torch.from_numpy(_unit(2000, 32, seed=1))
+    exact_module.fp32_scores(gallery, gallery[:5])
+    assert exact_module._gallery_first == {(32, 8): not slower}
+    monkeypatch.setattr(exact_module, "_gallery_first_is_faster", lambda *a: pytest.fail("timed again"))
+    exact_module.fp32_scores(gallery, gallery[:7])  # the same bucket (5..8 queries)
+    monkeypatch.setattr(exact_module, "MIN_VALUES", 10**9)
+    exact_module.fp32_scores(gallery, gallery[:100])  # a small gallery: q @ g.T, nothing timed
