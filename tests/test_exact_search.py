@@ -288,15 +288,16 @@ def test_index_first_pass_setting(name: str, tmp_path: Path) -> None:
         GalleryIndex.build(FeatureFile(["a.jpg"], gallery[:1]), IndexSettings(first_pass="fp16"))
 
 
-@pytest.mark.parametrize(("flags", "queries", "expected"), [
-    ({"avx512_vnni", "avx512_bf16"}, 32, "int8"), ({"avx_vnni"}, 1, "int8"), (set(), 4, "bf16"), (set(), 9, None)])
+@pytest.mark.parametrize(("flags", "native", "queries", "expected"), [
+    ({"avx512_vnni", "avx512_bf16"}, True, 32, "int8"), ({"avx_vnni"}, False, 1, "int8"), (set(), True, 4, "bf16"),
+    (set(), True, 8, "bf16"), (set(), True, 9, None), (set(), False, 2, "bf16"), (set(), False, 3, None)])
 def test_auto_takes_int8_on_cpus_with_int8_dot_products_else_bf16_for_few_queries(
-        flags: set, queries: int, expected: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+        flags: set, native: bool, queries: int, expected: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """auto on a large gallery (MIN_VALUES lowered here): int8 where /proc/cpuinfo lists VNNI or AMX int8,
-    else bf16 for up to 8 queries on a CPU with native bf16, else the fp32 pass."""
+    else bf16 for up to 8 queries on a CPU with native bf16 and up to 2 where it is emulated, else fp32."""
     monkeypatch.setattr(exact_module, "MIN_VALUES", 1000)
     monkeypatch.setattr(precision, "cpu_info", lambda: ("test CPU", frozenset(flags), 2))
-    monkeypatch.setattr(exact_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(exact_module, "cpu_has_native_bf16", lambda: native)
     gallery = _unit(500, 32, 8)
     index = GalleryIndex.build(FeatureFile([f"{i}.jpg" for i in range(500)], gallery), IndexSettings())
     chosen = index.first_pass(queries)

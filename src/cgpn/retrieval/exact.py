@@ -43,7 +43,7 @@ import torch
 
 from cgpn.engine.precision import cpu_has_int8_dot, cpu_has_native_bf16
 
-__all__ = ["BF16_MAX_QUERIES", "INT8_PRODUCTS", "MIN_VALUES", "Bf16FirstPass", "FirstPass", "FirstScores", "Int8FirstPass",
+__all__ = ["BF16_EMULATED_MAX_QUERIES", "BF16_MAX_QUERIES", "INT8_PRODUCTS", "MIN_VALUES", "Bf16FirstPass", "FirstPass", "FirstScores", "Int8FirstPass",
            "Int8Product", "IntMmInt8Product", "OneDnnInt8Product", "exact_int8_product", "exact_search", "fp32_scores"]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 MIN_VALUES = 2**24  # auto: galleries of at least this many values (64 MB of fp32; below, a pass is fast anyway)
 BF16_MAX_QUERIES = 8  # auto: bf16 for batches of at most this many queries; larger ones are compute-bound, and torch's
 # bf16 matrix multiply on a 2-core AVX512-BF16 Xeon was no faster than fp32 there (32 queries: 136-184 vs 137 ms)
+BF16_EMULATED_MAX_QUERIES = 2  # auto, on a CPU without native bf16: torch emulates the product, which still reads
+# half the bytes (2-core AMD EPYC, AVX2, 100,000 x 3072: 1 query 38 vs 98 ms, 2 queries 68-74 vs 135 ms; 4 queries
+# 129-132 vs 161-274 ms, too close to call; 8 and more, slower than fp32)
 INT8_MAX_DIM = (2**31 - 1) // (255 * 127)  # int32 sums of this many products of codes cannot overflow, even where
 # a kernel shifts the query's codes to unsigned (0..255), as u8 x s8 instructions take them
 _UNIT = 2.0**-8  # unit roundoff of bf16 (8 significant bits)
@@ -262,8 +265,10 @@ class Bf16FirstPass(FirstPass):
 
     @staticmethod
     def pays(gallery: torch.Tensor, queries: int) -> bool:
-        """Whether ``first_pass=auto`` uses it: native bf16, a large gallery, a batch of few queries."""
-        return gallery.numel() >= MIN_VALUES and queries <= BF16_MAX_QUERIES and cpu_has_native_bf16()
+        """Whether ``first_pass=auto`` uses it: a large gallery and a batch of few queries (fewer where this
+        CPU's bf16 is emulated)."""
+        most = BF16_MAX_QUERIES if cpu_has_native_bf16() else BF16_EMULATED_MAX_QUERIES
+        return gallery.numel() >= MIN_VALUES and queries <= most
 
     def scores(self, queries: torch.Tensor) -> FirstScores:
         """bf16 scores, and how far each may be from the fp32 search's."""

@@ -242,8 +242,8 @@ class GalleryIndex:
 
     def first_pass(self, queries: int = 1) -> FirstPass | None:
         """The first pass an exact search of ``queries`` queries takes (``settings.first_pass``; auto: int8 on
-        CPUs with int8 dot products, else bf16 on CPUs with native bf16 for up to 8 queries, both for galleries
-        of 2^24+ values), or None: an fp32 pass, or not an exact index. Made at the first use (1 or 2 bytes per
+        CPUs with int8 dot products, else bf16 for up to 8 queries on CPUs with native bf16 and up to 2 elsewhere,
+        both for galleries of 2^24+ values), or None: an fp32 pass, or not an exact index. Made at the first use (1 or 2 bytes per
         stored value); one whose self-check failed (``usable`` False) leaves the search fp32."""
         vectors = self._vectors()
         mode = self.settings.first_pass
