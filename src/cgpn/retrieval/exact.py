@@ -315,16 +315,16 @@ def _product(gallery: torch.Tensor, queries: torch.Tensor, gallery_first: bool) 
 
 
 def _gallery_first_is_faster(rows: torch.Tensor, count: int) -> bool:
-    """Whether ``(rows @ q.T).T`` beats ``q @ rows.T`` for ``count`` queries (the best of 3 runs each, after one)."""
+    """Whether ``(rows @ q.T).T`` beats ``q @ rows.T`` for ``count`` queries: the best of 3 runs of each, taken
+    in turns after one of each (so that a machine whose speed drifts slows both alike)."""
     queries = rows[torch.arange(count) % len(rows)].contiguous()  # values do not change a product's speed
-    best = {}
-    for gallery_first in (False, True):
-        times = []
-        for _ in range(4):
-            start = time.perf_counter()
-            _product(rows, queries, gallery_first)
-            times.append(time.perf_counter() - start)
-        best[gallery_first] = min(times[1:])
+    best = {False: math.inf, True: math.inf}
+    for turn in range(8):
+        gallery_first = bool(turn % 2)
+        start = time.perf_counter()
+        _product(rows, queries, gallery_first)
+        if turn >= 2:
+            best[gallery_first] = min(best[gallery_first], time.perf_counter() - start)
     return best[True] < best[False]
 
 
