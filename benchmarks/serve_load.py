@@ -390,8 +390,9 @@ def main() -> None:
         print(phase.row())
     if unbatched:
         print(unbatched.row().replace("| feature |", "| feature, --max-batch 1 |"))
-    print(f"server memory: peak resident {memory['VmHWM'] / 2**30:.2f} GiB (of which the memory-mapped index "
-          f"{memory['RssFile'] / 2**30:.2f} GiB, shared with the page cache; own allocations "
+    print(f"server memory: peak resident {memory['VmHWM'] / 2**30:.2f} GiB (of which the mapped index file "
+          f"{memory['RssFile'] / 2**30:.2f} GiB, shared with the page cache; own allocations, the aligned copy of its "
+          f"vectors included, "
           f"{memory['RssAnon'] / 2**30:.2f} GiB)")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     bound_after = rate_after * 1e9 / (2 * n * d)

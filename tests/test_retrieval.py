@@ -92,6 +92,25 @@ def test_index_equals_brute_force(kind: str, tmp_path: Path) -> None:
     assert index.search(queries, topk=1000)[1].shape == (20, 300)  # topk capped at the gallery size
 
 
+def test_mapped_vectors_are_searched_from_an_aligned_copy(tmp_path: Path) -> None:
+    """FAISS's file puts an exact index's vectors at byte 45: mapped, no float is 4-byte aligned. The search
+    reads a copy made once (the same values, the file still mapped read-only); a read index is not copied."""
+    gallery = _unit(300, 48, 20)
+    GalleryIndex.build(FeatureFile([f"g{i}.jpg" for i in range(300)], gallery)).save(tmp_path / "g.faiss")
+    mapped, read = GalleryIndex.load(tmp_path / "g.faiss", mmap=True), GalleryIndex.load(tmp_path / "g.faiss")
+    import faiss
+    at = {name: faiss.rev_swig_ptr(i.index.get_xb(), 1).__array_interface__["data"][0]
+          for name, i in (("mapped", mapped), ("read", read))}
+    assert at["mapped"] % 4 != 0 and at["read"] % 4 == 0  # what the copy is for (the file layout's offset)
+    vectors = mapped._vectors()
+    assert vectors.data_ptr() % 64 == 0 and vectors.data_ptr() != at["mapped"]
+    assert mapped._vectors() is vectors  # copied once
+    np.testing.assert_array_equal(vectors.numpy(), faiss.rev_swig_ptr(mapped.index.get_xb(), 300 * 48).reshape(300, 48))
+    np.testing.assert_allclose(vectors.numpy(), gallery / np.linalg.norm(gallery, axis=1, keepdims=True), atol=1e-6)
+    assert read._vectors().data_ptr() == at["read"]  # aligned already: no copy
+    np.testing.assert_array_equal(mapped.search(gallery[:5], 7)[1], read.search(gallery[:5], 7)[1])
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_search_over_allowed_rows_equals_brute_force_over_them(kind: str, tmp_path: Path) -> None:
     """A filter (e.g. cameras) picks the k nearest among the allowed rows, for the exact path (one matrix

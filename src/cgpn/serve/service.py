@@ -120,9 +120,10 @@ class SearchService:
     def open(cls, index_path: str | Path, checkpoint: str | Path | None = None, queries: str | Path | None = None,
              settings: ServeSettings | None = None, device: str = "auto", backend: str = "auto",
              batch_size: int = 32, flip: bool | None = None) -> SearchService:
-        """Load the index read-only (an exact index's vectors are mapped from the file, not copied) and the
-        network of ``checkpoint`` (a checkpoint or an ONNX file written by ``cgpn export``; default: the one
-        the index records), with the settings ``cgpn search`` takes (``flip`` None: the source's own)."""
+        """Load the index read-only (the file mapped without write access, an exact index's vectors copied once
+        into aligned memory) and the network of ``checkpoint`` (a checkpoint or an ONNX file written by ``cgpn
+        export``; default: the one the index records), with the settings ``cgpn search`` takes (``flip`` None:
+        the source's own)."""
         def load() -> tuple[GalleryIndex, list[Path], FeatureExtractor]:
             index = GalleryIndex.load(index_path, mmap=True)
             index.first_pass()  # made now (2-3 s for 100,000 x 3072 features: codes, packed), not in the first request
