@@ -341,7 +341,7 @@ def test_both_operand_orders_of_the_fp32_product_give_the_brute_force(gallery_fi
     with and without a camera filter, for every batch size bucket."""
     monkeypatch.setattr(exact_module, "MIN_VALUES", 1000)
     monkeypatch.setattr(exact_module, "_gallery_first", {})
-    monkeypatch.setattr(exact_module, "_gallery_first_is_faster", lambda rows, count: gallery_first)
+    monkeypatch.setattr(exact_module, "_timed_gallery_first", lambda rows, count: gallery_first)
     gallery = _unit(3000, 64, seed=7)
     allowed = np.random.default_rng(8).random(3000) < 0.3
     for count in (1, 3, 8, 33):
@@ -374,7 +374,26 @@ def test_the_faster_operand_order_is_taken_and_timed_once_per_batch_size(slower:
     gallery = torch.from_numpy(_unit(2000, 32, seed=1))
     exact_module.fp32_scores(gallery, gallery[:5])
     assert exact_module._gallery_first == {(32, 8): not slower}
-    monkeypatch.setattr(exact_module, "_gallery_first_is_faster", lambda *a: pytest.fail("timed again"))
+    monkeypatch.setattr(exact_module, "_timed_gallery_first", lambda *a: pytest.fail("timed again"))
     exact_module.fp32_scores(gallery, gallery[:7])  # the same bucket (5..8 queries)
     monkeypatch.setattr(exact_module, "MIN_VALUES", 10**9)
     exact_module.fp32_scores(gallery, gallery[:100])  # a small gallery: q @ g.T, nothing timed
+
+
+def test_prepare_times_every_batch_size_a_server_can_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``GalleryIndex.prepare(48)``: the operand order of 1, 2, 4, ..., 32 and 48 (bucket 64) queries timed at
+    once, the first passes auto takes made; later searches time nothing."""
+    monkeypatch.setattr(exact_module, "MIN_VALUES", 1000)
+    monkeypatch.setattr(exact_module, "_gallery_first", {})
+    timed = []
+    monkeypatch.setattr(exact_module, "_timed_gallery_first", lambda rows, count: timed.append(count) or False)
+    monkeypatch.setattr(exact_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("test CPU", frozenset(), 2))  # no int8 dot products
+    gallery = _unit(3000, 32, 9)
+    index = GalleryIndex.build(FeatureFile([f"{i}.jpg" for i in range(3000)], gallery), IndexSettings())
+    index.prepare(48)
+    assert timed == [1, 2, 4, 8, 16, 32, 64]
+    assert set(index._first_passes) == {"bf16"}  # 1-2 queries where bf16 is emulated
+    monkeypatch.setattr(exact_module, "_timed_gallery_first", lambda *a: pytest.fail("timed in a search"))
+    for count in (1, 3, 17, 48):
+        assert (index.search(gallery[:count], 5)[1][:, 0] == np.arange(count)).all()

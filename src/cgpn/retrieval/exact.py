@@ -44,7 +44,8 @@ import torch
 from cgpn.engine.precision import cpu_has_int8_dot, cpu_has_native_bf16
 
 __all__ = ["BF16_EMULATED_MAX_QUERIES", "BF16_MAX_QUERIES", "INT8_PRODUCTS", "MIN_VALUES", "Bf16FirstPass", "FirstPass", "FirstScores", "Int8FirstPass",
-           "Int8Product", "IntMmInt8Product", "OneDnnInt8Product", "exact_int8_product", "exact_search", "fp32_scores"]
+           "Int8Product", "IntMmInt8Product", "OneDnnInt8Product", "exact_int8_product", "exact_search", "fp32_scores",
+           "gallery_first_is_faster"]
 
 logger = logging.getLogger(__name__)
 
@@ -301,20 +302,27 @@ class Bf16FirstPass(FirstPass):
 def fp32_scores(gallery: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """(Q, N) inner products of fp32 ``queries`` with the (N, D) ``gallery``, one BLAS call in whichever
     operand order (``q @ g.T`` or ``(g @ q.T).T``) this machine does faster for this many queries."""
-    if gallery.numel() < MIN_VALUES or not len(queries):
-        return _product(gallery, queries, gallery_first=False)
-    key = (gallery.shape[1], min(64, 1 << (len(queries) - 1).bit_length()))  # 1, 2, 4, ..., 64
+    return _product(gallery, queries, len(queries) > 0 and gallery_first_is_faster(gallery, len(queries)))
+
+
+def gallery_first_is_faster(gallery: torch.Tensor, count: int) -> bool:
+    """Whether this machine does the fp32 product of ``count`` queries with ``gallery`` faster as ``(g @ q.T).T``:
+    timed at the first question for each feature size and batch size bucket (1, 2, 4, ..., 64), then remembered;
+    False without timing for a gallery under ``MIN_VALUES`` (fast either way)."""
+    if gallery.numel() < MIN_VALUES:
+        return False
+    key = (gallery.shape[1], min(64, 1 << (count - 1).bit_length()))
     if key not in _gallery_first:
-        _gallery_first[key] = _gallery_first_is_faster(gallery[:_LAYOUT_ROWS], key[1])
+        _gallery_first[key] = _timed_gallery_first(gallery[:_LAYOUT_ROWS], key[1])
         logger.debug("fp32 product of %d queries: %s", key[1], "(g @ q.T).T" if _gallery_first[key] else "q @ g.T")
-    return _product(gallery, queries, _gallery_first[key])
+    return _gallery_first[key]
 
 
 def _product(gallery: torch.Tensor, queries: torch.Tensor, gallery_first: bool) -> torch.Tensor:
     return (gallery @ queries.T).T.contiguous() if gallery_first else queries @ gallery.T
 
 
-def _gallery_first_is_faster(rows: torch.Tensor, count: int) -> bool:
+def _timed_gallery_first(rows: torch.Tensor, count: int) -> bool:
     """Whether ``(rows @ q.T).T`` beats ``q @ rows.T`` for ``count`` queries: the best of 3 runs of each, taken
     in turns after one of each (so that a machine whose speed drifts slows both alike)."""
     queries = rows[torch.arange(count) % len(rows)].contiguous()  # values do not change a product's speed

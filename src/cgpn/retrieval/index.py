@@ -28,7 +28,13 @@ import torch
 from cgpn.config import FIRST_PASSES, INDEX_KINDS, IndexSettings
 from cgpn.errors import ConfigError, DependencyError, IndexFileError
 from cgpn.files import atomic_path, describe_file, other_name, reading
-from cgpn.retrieval.exact import Bf16FirstPass, FirstPass, Int8FirstPass, exact_search
+from cgpn.retrieval.exact import (
+    Bf16FirstPass,
+    FirstPass,
+    Int8FirstPass,
+    exact_search,
+    gallery_first_is_faster,
+)
 from cgpn.retrieval.features import FeatureFile
 
 __all__ = ["INDEX_KINDS", "GalleryIndex", "IndexSettings", "import_faiss"]
@@ -257,6 +263,18 @@ class GalleryIndex:
             if kind.pays(vectors, queries) and (found := self._first_pass(name, vectors)).usable:
                 return found
         return None
+
+    def prepare(self, max_queries: int) -> None:
+        """Make now what exact searches of up to ``max_queries`` queries use (their first passes, the fp32
+        product's operand order, timed), so that no request waits for it: a server calls it at start."""
+        vectors = self._vectors()
+        count = 1
+        while vectors is not None:
+            self.first_pass(count)
+            gallery_first_is_faster(vectors, count)
+            if count >= max_queries:
+                break
+            count = min(2 * count, max_queries)
 
     def _first_pass(self, name: str, vectors: torch.Tensor) -> FirstPass:
         if name not in self._first_passes:

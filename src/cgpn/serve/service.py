@@ -126,7 +126,9 @@ class SearchService:
         the source's own)."""
         def load() -> tuple[GalleryIndex, list[Path], FeatureExtractor]:
             index = GalleryIndex.load(index_path, mmap=True)
-            index.first_pass()  # made now (2-3 s for 100,000 x 3072 features: codes, packed), not in the first request
+            # first passes (2-3 s for 100,000 x 3072 features: codes, packed) and the fp32 product's timed operand
+            # order made now, for every batch size the searcher can form, not in the first requests
+            index.prepare((settings or ServeSettings()).max_batch)
             query_files = list_images(queries) if queries is not None else []
             return index, query_files, FeatureExtractor(index.query_checkpoint(checkpoint), device=device,
                                                         batch_size=batch_size, flip=flip, backend=backend,
