@@ -43,9 +43,9 @@ import torch
 
 from cgpn.engine.precision import cpu_has_int8_dot, cpu_has_native_bf16
 
-__all__ = ["BF16_EMULATED_MAX_QUERIES", "BF16_MAX_QUERIES", "INT8_PRODUCTS", "MIN_VALUES", "Bf16FirstPass", "FirstPass", "FirstScores", "Int8FirstPass",
-           "Int8Product", "IntMmInt8Product", "OneDnnInt8Product", "exact_int8_product", "exact_search", "fp32_scores",
-           "gallery_first_is_faster"]
+__all__ = ["BF16_EMULATED_MAX_QUERIES", "BF16_MAX_QUERIES", "INT8_PRODUCTS", "MIN_VALUES", "Bf16FirstPass", "FirstPass",
+           "FirstScores", "Int8FirstPass", "Int8Product", "IntMmInt8Product", "OneDnnInt8Product", "exact_int8_product",
+           "exact_search", "fp32_scores", "gallery_first_is_faster"]
 
 logger = logging.getLogger(__name__)
 

@@ -251,8 +251,8 @@ class GalleryIndex:
     def first_pass(self, queries: int = 1) -> FirstPass | None:
         """The first pass an exact search of ``queries`` queries takes (``settings.first_pass``; auto: int8 on
         CPUs with int8 dot products, else bf16 for up to 8 queries on CPUs with native bf16 and up to 2 elsewhere,
-        both for galleries of 2^24+ values), or None: an fp32 pass, or not an exact index. Made at the first use (1 or 2 bytes per
-        stored value); one whose self-check failed (``usable`` False) leaves the search fp32."""
+        both for galleries of 2^24+ values), or None: an fp32 pass, or not an exact index. Made at the first use
+        (1 or 2 bytes per stored value); one whose self-check failed (``usable`` False) leaves the search fp32."""
         vectors = self._vectors()
         mode = self.settings.first_pass
         if vectors is None or mode == "off":
@@ -268,12 +268,14 @@ class GalleryIndex:
         """Make now what exact searches of up to ``max_queries`` queries use (their first passes, the fp32
         product's operand order, timed), so that no request waits for it: a server calls it at start."""
         vectors = self._vectors()
+        if vectors is None:
+            return
         count = 1
-        while vectors is not None:
+        while True:
             self.first_pass(count)
             gallery_first_is_faster(vectors, count)
             if count >= max_queries:
-                break
+                return
             count = min(2 * count, max_queries)
 
     def _first_pass(self, name: str, vectors: torch.Tensor) -> FirstPass:
