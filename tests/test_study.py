@@ -231,3 +231,16 @@ def test_runs_from_mistakes_are_one_line(finished, grid_file, tmp_path, capsys):
                  "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "line 2 is not a run" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_projects_own_runs_csv_reads_back_into_the_table2_grid():
+    """docs/study_runs.csv (the study's finished runs, kept in the repository) is what --runs-from takes."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    grid = study.load_grid(root / "configs" / "studies" / "table2.yaml")
+    records = study.read_runs_csv(root / "docs" / "study_runs.csv", grid)
+    lines = (root / "docs" / "study_runs.csv").read_text().splitlines()
+    assert len(records) == len(lines) - 1 >= 7  # every line is a run of the grid
+    assert len({(r.row, r.seed) for r in records}) == len(records)
+    assert all(r.split == "val" and r.epochs == 20 and 0 < r.rank1 <= 1 and r.machine for r in records)
