@@ -210,8 +210,17 @@ def test_runs_from_fills_the_gaps_and_local_runs_win(finished, grid_file, tmp_pa
 
 def test_runs_from_mistakes_are_one_line(finished, grid_file, tmp_path, capsys):
     grid, out, _records = finished
-    with pytest.raises(ConfigError, match="is not a file"):
+    with pytest.raises(ConfigError, match="does not exist"):
         study.read_runs_csv(tmp_path / "none.csv", grid)
+    header = (out / "runs.csv").read_bytes().split(b"\n")[0]
+    for name, content, message in (("empty.csv", b"", "is empty"),
+                                   ("binary.csv", bytes(range(128, 256)) * 20, "cannot read --runs-from"),
+                                   ("cut.csv", header + b'\ncgpn,0,val,1,1,5,"x', "cannot read --runs-from")):
+        (tmp_path / name).write_bytes(content)  # zero bytes, not text, a quote the end of the file cut short
+        with pytest.raises(ConfigError, match=message):
+            study.read_runs_csv(tmp_path / name, grid)
+    with pytest.raises(ConfigError, match=r"is the runs\.csv this study writes"):  # nothing rewritten, lost
+        study.run_study(grid, out, runs_from=out / "runs.csv", dry_run=True, report=lambda line: None)
     other = tmp_path / "grid2.yaml"
     data = yaml.safe_load(grid_file.read_text())
     other.write_text(yaml.safe_dump({**data, "occlude": [0.1, 0.3]}))

@@ -40,7 +40,7 @@ import yaml
 from cgpn.config import Config, load_config
 from cgpn.engine.precision import machine_description
 from cgpn.errors import ConfigError
-from cgpn.files import atomic_path
+from cgpn.files import atomic_path, reading
 
 __all__ = ["Grid", "RunRecord", "load_grid", "read_runs_csv", "run_study", "study_table"]
 
@@ -264,6 +264,8 @@ def run_study(grid: Grid, out: str | Path, dry_run: bool = False, runs_from: str
     plan = [(row, seed) for seed in grid.seeds for row in grid.rows]
     done = [r for r in (read_record(grid, row, seed, out) for row, seed in plan) if r is not None]
     if runs_from is not None:
+        if Path(runs_from).resolve() == (out / "runs.csv").resolve():  # it would be rewritten with this grid's runs only
+            raise ConfigError(f"--runs-from '{runs_from}' is the runs.csv this study writes; copy it out of --out first")
         have = {(r.row, r.seed) for r in done}
         done += [r for r in read_runs_csv(runs_from, grid) if (r.row, r.seed) in plan and (r.row, r.seed) not in have]
     finished = {(r.row, r.seed) for r in done}
@@ -370,16 +372,12 @@ def read_runs_csv(path: str | Path, grid: Grid) -> list[RunRecord]:
 
     Its columns must be this grid's (the same occlusion rates); lines of other settings or seeds are skipped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--runs-from: '{path}' is not a file (expected the runs.csv of an earlier cgpn study)")
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
+    with reading(path, "--runs-from", "the runs.csv of an earlier cgpn study") as path, path.open(newline="") as f:
+        reader = csv.reader(f, strict=True)  # an unclosed quote (a file cut short) is an error, not a shorter field
         header = next(reader, [])
-        expected = _csv_header(grid)
-        if header != expected:
+        if header != _csv_header(grid):
             raise ConfigError(f"--runs-from: '{path}' has the columns {', '.join(header) or '(none)'}; this grid's "
-                              f"runs.csv has {', '.join(expected)}")
+                              f"runs.csv has {', '.join(_csv_header(grid))}")
         records = []
         for line, values in enumerate(reader, start=2):
             cells = dict(zip(header, values))
