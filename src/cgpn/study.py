@@ -386,14 +386,14 @@ def read_runs_csv(path: str | Path, grid: Grid) -> list[RunRecord]:
                     raise ValueError(f"{len(values)} values for {len(header)} columns")
                 if cells["setting"] not in grid.rows or int(cells["seed"]) not in grid.seeds:
                     continue
-                pct = {name: float(cells[name]) / 100 for name in header[6:-2]}
+                # _columns' order: Rank-1, mAP, mINP, then Rank-1 and mAP of each occlusion rate
+                pct = [float(cells[name]) / 100 for name, _ in _columns(grid)]
                 records.append(RunRecord(
                     row=cells["setting"], seed=int(cells["seed"]), split=cells["split"], epochs=int(cells["epochs"]),
                     result_epoch=int(cells["result_epoch"]),
                     val_mAP=float(cells["val_mAP"]) / 100 if cells["val_mAP"] else None,
-                    rank1=pct["Rank-1"], mAP=pct["mAP"], mINP=pct["mINP"],
-                    occluded={f"{r:g}": (pct[f"Rank-1 {100 * r:g}% hidden"], pct[f"mAP {100 * r:g}% hidden"])
-                              for r in grid.occlude},
+                    rank1=pct[0], mAP=pct[1], mINP=pct[2],
+                    occluded={f"{r:g}": (pct[3 + 2 * i], pct[4 + 2 * i]) for i, r in enumerate(grid.occlude)},
                     seconds=float(cells["seconds"]), machine=cells["machine"]))
             except ValueError as err:
                 raise ConfigError(f"--runs-from: '{path}' line {line} is not a run ({err})") from None
