@@ -399,21 +399,25 @@ def test_schedule_warm_up_then_steps_by_hand() -> None:
     assert lrs == pytest.approx([0.01, 0.02, 0.03, 0.03, 0.03, 0.003, 0.003])
 
 
-def test_cpu_bf16_is_not_used_where_a_strided_conv_sees_a_one_pixel_wide_input(tiny_synth: Path, tmp_path: Path,
-                                                                                caplog: pytest.LogCaptureFixture):
-    """A 16-pixel-wide image is 8, 4, 2, then 1 pixel wide after the stem, max pool, layer2 and layer3 of a
-    ResNet: only MGN's stride-2 global branch then runs a strided 3 x 3 convolution on it (its 1 x 1
-    downsample has no padding-only taps); 17 pixels become 2. There, CPU bf16 gradients are unreliable."""
-    from cgpn.engine.precision import one_pixel_wide_strided_convs
+def test_cpu_bf16_is_not_used_where_a_strided_conv_makes_a_one_pixel_wide_output(tiny_synth: Path, tmp_path: Path,
+                                                                                   caplog: pytest.LogCaptureFixture):
+    """A stride-2 3 x 3 convolution (padding 1) makes ceil(w / 2) columns of w, as do the stem and the max
+    pool: 16 pixels become 8, 4, 2, then 1 after layer3's first block, in the trunk every model shares, and
+    MGN's stride-2 global branch makes 1 of it again in layer4; 17 become 9, 5, 3, 2 and only MGN's layer4
+    then makes 1 (so does it from 32 pixels); 33 become 3 after layer3, 2 after layer4. There, CPU bf16
+    convolutions are unreliable (NaN weight gradients on AVX512-BF16, wrong outputs on AMX)."""
+    from cgpn.engine.precision import narrow_strided_convs
     from cgpn.model import build_model
 
     mgn = build_model("mgn", 5, backbone="resnet18", pretrained=False)
-    assert one_pixel_wide_strided_convs(mgn, 32, 16) == ["branches.0.layer4.0.conv1"]
-    assert one_pixel_wide_strided_convs(mgn, 32, 17) == one_pixel_wide_strided_convs(mgn, 64, 32) == []  # 9, 5, 3, 2
-    assert one_pixel_wide_strided_convs(build_model("cgpn", 5, backbone="resnet18", pretrained=False), 32, 16) == []
+    cgpn = build_model("cgpn", 5, backbone="resnet18", pretrained=False)
+    assert narrow_strided_convs(mgn, 32, 16) == ["trunk.layer3.0.conv1", "branches.0.layer4.0.conv1"]
+    assert narrow_strided_convs(mgn, 32, 17) == narrow_strided_convs(mgn, 64, 32) == ["branches.0.layer4.0.conv1"]
+    assert narrow_strided_convs(mgn, 64, 33) == narrow_strided_convs(cgpn, 32, 17) == []
+    assert narrow_strided_convs(cgpn, 32, 16) == ["trunk.layer3.0.conv1"]
     assert mgn.training  # left as it was
 
-    with pytest.raises(ConfigError, match=r"engine.precision=bf16: at data.width=16 .*layer4.0.conv1"):
+    with pytest.raises(ConfigError, match=r"engine.precision=bf16: at data.width=16 .*trunk.layer3.0.conv1"):
         train(load_config(None, tiny_overrides(tiny_synth, tmp_path / "bf16", **{
             "model.name": "mgn", "engine.precision": "bf16", "solver.epochs": 1})))
     assert not (tmp_path / "bf16" / "config.yaml").exists()  # refused before the run folder is written

@@ -16,7 +16,7 @@ from cgpn.errors import CheckpointError, ConfigError, ImageError
 from cgpn.export import export_onnx
 from cgpn.extractor import FeatureExtractor
 from cgpn.runtime import Runtime
-from serve_helpers import HEIGHT, WIDTH, cli, error_line
+from serve_helpers import HEIGHT, WIDTH, cli, error_line, make_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -108,3 +108,17 @@ def test_batches_are_checked_and_may_be_empty(checkpoint: Path) -> None:
         runtime(torch.zeros(2, 3, 128, 64))
     with pytest.raises(ConfigError, match="backend must be one of"):
         Runtime(checkpoint, device="cpu", backend="tensorrt")
+
+
+def test_auto_is_not_bf16_where_a_strided_convolution_makes_a_one_pixel_wide_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 32 x 16 a ResNet's layer3 makes 16 -> 8 -> 4 -> 2 -> 1 columns, where the CPU's bf16 convolutions are
+    wrong on some CPUs (cgpn.engine.precision): auto takes an fp32 backend there even on a CPU with bf16 units,
+    an explicit bf16 is refused; at 64 x 32 (2 columns) auto is bf16."""
+    monkeypatch.setattr("cgpn.runtime.cpu_has_native_bf16", lambda: True)
+    narrow = make_checkpoint(tmp_path / "narrow.pt", height=32, width=16)
+    assert Runtime(narrow, device="cpu").backend in ("onnx", "channels_last")
+    with pytest.raises(ConfigError, match=r"backend bf16: at 32 x 16 the strided convolution trunk\.layer3\.0\.conv1 "
+                                          r"makes a 1-pixel-wide output"):
+        Runtime(narrow, device="cpu", backend="bf16")
+    assert Runtime(make_checkpoint(tmp_path / "wide.pt"), device="cpu").backend == "bf16"

@@ -7,8 +7,9 @@ A source is a checkpoint written by ``cgpn train``, an ONNX file written by ``cg
 gives size, normalisation and flip), or a network in memory. Backends: ``eager`` (fp32 PyTorch),
 ``channels_last``, ``bf16`` (autocast), ``compile`` (torch.compile) and ``onnx`` (ONNX Runtime, CUDA
 execution provider on a CUDA device when the build has it). ``auto`` takes on the CPU bf16 where the CPU has
-bf16 matrix units, else ONNX Runtime when installed, else channels_last; on a GPU eager (benchmarks/
-infer_speed.py). The ONNX graph of a checkpoint is cached on disk (``$CGPN_CACHE_DIR`` or ``~/.cache/cgpn``):
+bf16 matrix units (not for images so narrow that a strided convolution makes a 1-pixel-wide output, where
+the CPU's bf16 convolutions are wrong: ``cgpn.engine.precision``), else ONNX Runtime when installed, else
+channels_last; on a GPU eager (benchmarks/infer_speed.py). The ONNX graph of a checkpoint is cached on disk (``$CGPN_CACHE_DIR`` or ``~/.cache/cgpn``):
 only the first use of a checkpoint pays for the export, and an entry that cannot be loaded is exported again.
 
 Example:
@@ -37,7 +38,7 @@ from cgpn.config import EXTRACTOR_BACKENDS, ONNX_OPSET, Config
 from cgpn.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cgpn.engine.checkpoint import load_model
 from cgpn.engine.inference import Embedder, resolve_device
-from cgpn.engine.precision import cpu_has_native_bf16
+from cgpn.engine.precision import cpu_has_native_bf16, narrow_strided_convs
 from cgpn.errors import CheckpointError, ConfigError, DependencyError, ImageError
 from cgpn.export import export_onnx, import_onnxruntime
 
@@ -75,13 +76,14 @@ def _load_errors() -> tuple[type[Exception], ...]:
     return tuple(getattr(state, name) for name in _LOAD_ERRORS if hasattr(state, name))
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend ``auto`` (or another of ``EXTRACTOR_BACKENDS``, returned as given) stands for on ``device``."""
+def resolve_backend(backend: str, device: torch.device, bf16_unsafe: bool = False) -> str:
+    """The backend ``auto`` (or another of ``EXTRACTOR_BACKENDS``, returned as given) stands for on ``device``;
+    ``bf16_unsafe``: the network makes outputs where the CPU's bf16 convolutions are wrong (``narrow_strided_convs``)."""
     if backend != "auto":
         return backend
     if device.type != "cpu":
         return "eager"
-    if cpu_has_native_bf16():  # bf16 matrix units (AMX / AVX512-BF16): as training's engine.precision=auto
+    if cpu_has_native_bf16() and not bf16_unsafe:  # bf16 matrix units (AMX / AVX512-BF16): as training's auto
         return "bf16"
     try:
         import_onnxruntime()
@@ -152,7 +154,7 @@ class Runtime:
             self.model.eval()
             self.flip = self.config.test.flip if flip is None else flip
         self.input_shape: tuple[int, int] = (self.config.data.height, self.config.data.width)
-        self.backend = "onnx" if session is not None else resolve_backend(backend, self.device)
+        self.backend = "onnx" if session is not None else resolve_backend(backend, self.device, self._bf16_unsafe(backend))
         self._run = self._onnx_runner(session) if self.backend == "onnx" else self._torch_runner()
         dim = getattr(self.model, "feature_dim", None)  # a CGPN knows it; another network is asked with a forward
         self.feature_dim = int(dim if dim is not None else self._run(torch.zeros(1, 3, *self.input_shape)).shape[1])
@@ -168,6 +170,20 @@ class Runtime:
         if not len(images):
             return torch.empty(0, self.feature_dim)
         return self._run(images.float())
+
+    def _bf16_unsafe(self, backend: str) -> bool:
+        """Whether CPU bf16 would run a strided convolution to a one-pixel-wide output (wrong there on some
+        CPUs: ``cgpn.engine.precision``); an explicit ``bf16`` is then refused."""
+        if self.model is None or self.device.type != "cpu" or not (backend == "bf16" or cpu_has_native_bf16()):
+            return False
+        convs = narrow_strided_convs(self.model, *self.input_shape)
+        if convs and backend == "bf16":
+            raise ConfigError(f"backend bf16: at {self.input_shape[0]} x {self.input_shape[1]} the strided convolution "
+                              f"{convs[0]} makes a 1-pixel-wide output, where the CPU's bf16 convolutions are unreliable; "
+                              f"use another backend (auto takes an fp32 one here)")
+        if convs:
+            logger.info("backend auto: not bf16 (the strided convolution %s makes a 1-pixel-wide output)", convs[0])
+        return bool(convs)
 
     # --- runners -------------------------------------------------------------------------------------
 

@@ -11,11 +11,14 @@
 
 Losses are computed outside autocast, in fp32, from the network's (possibly bf16) outputs.
 
-One exception on the CPU: oneDNN's bf16 weight gradient of a strided convolution whose input is one pixel
-wide comes back with garbage (NaN) at the kernel taps that see only padding, in about 1 step of 40
-(torch 2.14, ResNet-18 layer4 at 2 x 1 pixels: 39 of 400 backward passes, 0 at 4 x 2 or 3 x 3; fp32: 0 of
-3,000). Inputs 16 pixels wide or less reach a stride-2 layer4 that way, so training picks fp32 there
-(``one_pixel_wide_strided_convs``).
+One exception on the CPU: oneDNN's bf16 strided convolution whose output is one pixel wide is wrong.
+On a 2-core AVX512-BF16 Xeon its weight gradient came back with garbage (NaN) at the kernel taps that see only
+padding in about 1 step of 40 (torch 2.14, ResNet-18 layer4 at 2 x 1 pixels: 39 of 400 backward passes, 0 at
+4 x 2 or 3 x 3; fp32: 0 of 3,000); on an AMX Xeon (Sapphire Rapids) the forward pass of a stride-2 3 x 3
+convolution from 4 x 2 or 3 x 2 pixels to 2 x 1 is off by more than the values themselves (batches of 2-32,
+64-256 channels; 49 of 528 shapes tried wrong, every one of them a stride-2 3 x 3 convolution to a 1-wide
+output; 0 of 384 with 1-high outputs). Images 16 pixels wide or less (32 or less for MGN's stride-2 global
+branch) make such outputs in a ResNet, so training and inference pick fp32 there (``narrow_strided_convs``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from cgpn.config import CHOICES
 from cgpn.errors import ConfigError
 
 __all__ = ["CPU_FLAGS", "INT8_DOT_FLAGS", "PRECISIONS", "Precision", "cpu_has_int8_dot", "cpu_has_native_bf16", "cpu_info",
-           "machine_description", "one_pixel_wide_strided_convs", "resolve_precision"]
+           "machine_description", "narrow_strided_convs", "resolve_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +118,13 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.scaled)
 
 
-def one_pixel_wide_strided_convs(model: torch.nn.Module, height: int, width: int) -> list[str]:
-    """Names of ``model``'s strided convolutions (kernel wider than 1) whose input is one pixel wide for
-    ``height`` x ``width`` images: where CPU bf16 weight gradients are unreliable (see the module notes).
+def narrow_strided_convs(model: torch.nn.Module, height: int, width: int) -> list[str]:
+    """Names of ``model``'s strided convolutions (kernel wider than 1) whose output is one pixel wide for
+    ``height`` x ``width`` images: where the CPU's bf16 convolutions are unreliable (see the module notes).
     Found by one fp32 forward pass of a blank image with hooks; the model is left as it was."""
     found: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: found.append(name) if args[0].shape[-1] == 1
-                                         else None)
+    hooks = [m.register_forward_hook(lambda _m, _args, out, name=name: found.append(name) if out.shape[-1] == 1
+                                     else None)
              for name, m in model.named_modules()
              if isinstance(m, torch.nn.Conv2d) and m.stride[1] > 1 and m.kernel_size[1] > 1]
     training = model.training

@@ -66,7 +66,7 @@ from cgpn.engine.hooks import (
     TimeShares,
 )
 from cgpn.engine.inference import resolve_device
-from cgpn.engine.precision import Precision, one_pixel_wide_strided_convs, resolve_precision
+from cgpn.engine.precision import Precision, narrow_strided_convs, resolve_precision
 from cgpn.engine.timing import PhaseClock
 from cgpn.errors import ConfigError, TrainingDivergedError
 from cgpn.files import lock_folder
@@ -231,7 +231,8 @@ class Trainer:
             raise TrainingDivergedError(
                 f"{what} at epoch {self.epoch + 1}, iteration {self.batch + 1} (step {self.step + 1}); stopped "
                 f"before that update; last good checkpoint: {self.last_checkpoint or 'none yet'} "
-                f"(try a lower solver.lr, solver.warmup_epochs or engine.precision=fp32)")
+                f"(try a lower solver.lr or solver.warmup_epochs"
+                f"{'' if self.precision.name == 'fp32' else ' or engine.precision=fp32'})")
         with self.clock.phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -389,16 +390,15 @@ def _process_settings_restored() -> Iterator[None]:
 
 
 def _cpu_bf16_or_fp32(model: nn.Module, cfg: Config, precision: Precision) -> Precision:
-    """fp32 instead of CPU bf16 for images so narrow that a strided convolution sees a one-pixel-wide input
-    (bf16 weight gradients are unreliable there: ``cgpn.engine.precision``); an explicit bf16 is refused."""
-    convs = one_pixel_wide_strided_convs(model, cfg.data.height, cfg.data.width)
+    """fp32 instead of CPU bf16 for images so narrow that a strided convolution makes a one-pixel-wide output
+    (CPU bf16 convolutions are unreliable there: ``cgpn.engine.precision``); an explicit bf16 is refused."""
+    convs = narrow_strided_convs(model, cfg.data.height, cfg.data.width)
     if not convs:
         return precision
-    why = (f"at data.width={cfg.data.width} the strided convolution {convs[0]} sees a 1-pixel-wide input, where "
-           f"the CPU's bf16 weight gradients come back with NaN now and then")
+    why = (f"at data.width={cfg.data.width} the strided convolution {convs[0]} makes a 1-pixel-wide output, where "
+           f"the CPU's bf16 convolutions are unreliable (NaN gradients, wrong outputs on some CPUs)")
     if cfg.engine.precision == "bf16":
-        raise ConfigError(f"engine.precision=bf16: {why}; use engine.precision=fp32 (or auto), or images wider "
-                          f"than 16 pixels")
+        raise ConfigError(f"engine.precision=bf16: {why}; use engine.precision=fp32 (or auto), or wider images")
     logger.info("engine.precision=auto: fp32, not bf16: %s", why)
     return resolve_precision("fp32", torch.device("cpu"))
 
