@@ -253,3 +253,41 @@ def test_the_projects_own_runs_csv_reads_back_into_the_table2_grid():
     assert len(records) == len(lines) - 1 >= 7  # every line is a run of the grid
     assert len({(r.row, r.seed) for r in records}) == len(records)
     assert all(r.split == "val" and r.epochs == 20 and 0 < r.rank1 <= 1 and r.machine for r in records)
+
+
+def test_a_run_that_diverges_is_a_result_not_a_crash(grid_file, finished, tmp_path, monkeypatch):
+    """A setting whose loss goes non-finite is recorded as diverged (not retrained on resume, apart in the
+    table, a line of runs.csv that reads back) and the grid goes on."""
+    grid, _out, records = finished
+    data = yaml.safe_load(grid_file.read_text())
+    boom_file = tmp_path / "boom.yaml"
+    boom_file.write_text(yaml.safe_dump({**data, "seeds": [0], "rows": {"boom": ["solver.lr=1e30"]}}))
+    boom = study.load_grid(boom_file)
+    lines = []
+    [record] = study.run_study(boom, tmp_path / "b", report=lines.append)
+    assert record.diverged.startswith("loss term '") and " at epoch 1, iteration " in record.diverged
+    assert np.isnan([record.rank1, record.mAP, record.mINP, *record.occluded["0.2"]]).all()
+    assert lines[-1].startswith(f"[1/1] boom, seed 0: diverged, {record.diverged} (")
+    monkeypatch.setattr(study, "run_one", lambda *a: pytest.fail("trained a diverged run again"))
+    [again] = study.run_study(boom, tmp_path / "b", report=lambda line: None)
+    assert again.diverged == record.diverged
+    table = (tmp_path / "b" / "table.md").read_text().splitlines()
+    assert table[2].startswith("| boom | 0 + 1 diverged | diverged | diverged |")
+    [line] = list(csv.DictReader((tmp_path / "b" / "runs.csv").open()))
+    assert line["diverged"] == record.diverged and line["Rank-1"] == line["mAP"] == "" and line["val_mAP"] == ""
+    [back] = study.read_runs_csv(tmp_path / "b" / "runs.csv", boom)
+    assert (back.row, back.seed, back.diverged) == ("boom", 0, record.diverged) and np.isnan(back.mAP)
+    # beside finished seeds: the mean and spread are theirs alone, the diverged seed is counted apart
+    mixed = [*records, study.RunRecord.of_diverged("cgpn", 2, 1, grid.occlude, "loss term 'ce' is nan", 1.0, "")]
+    row = next(x for x in study.study_table(grid, mixed).splitlines() if x.startswith("| cgpn |"))
+    maps = [100 * r.mAP for r in records if r.row == "cgpn"]
+    assert row.startswith("| cgpn | 2 + 1 diverged | ") and f"| {np.mean(maps):.1f} ± {np.std(maps, ddof=1):.1f} |" in row
+
+
+def test_runs_csv_written_before_the_diverged_column_still_reads(finished, tmp_path):
+    grid, out, records = finished
+    rows = list(csv.reader((out / "runs.csv").open()))
+    assert rows[0][-1] == "diverged"
+    old = tmp_path / "old.csv"
+    old.write_text("".join(",".join(f'"{v}"' if "," in v else v for v in r[:-1]) + "\n" for r in rows))
+    _same_runs(study.read_runs_csv(old, grid), records)

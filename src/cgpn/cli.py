@@ -261,7 +261,8 @@ def cmd_study(args: argparse.Namespace) -> int:
                      seeds=ints(args.seeds) if args.seeds else None)
     records = run_study(grid, args.out, dry_run=args.dry_run, runs_from=args.runs_from)
     if records:
-        print(f"{len(records)} finished runs; table: {Path(args.out) / 'table.md'}, per run: {Path(args.out) / 'runs.csv'}, "
+        diverged = sum(bool(r.diverged) for r in records)
+        print(f"{len(records)} finished runs{f' ({diverged} diverged)' if diverged else ''}; table: {Path(args.out) / 'table.md'}, per run: {Path(args.out) / 'runs.csv'}, "
               f"picture: {Path(args.out) / 'occlusion.png'}")
     return 0
 

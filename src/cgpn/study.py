@@ -27,6 +27,7 @@ import csv
 import io
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,7 +40,7 @@ import yaml
 
 from cgpn.config import Config, load_config
 from cgpn.engine.precision import machine_description
-from cgpn.errors import ConfigError
+from cgpn.errors import ConfigError, TrainingDivergedError
 from cgpn.files import atomic_path, reading
 
 __all__ = ["Grid", "RunRecord", "load_grid", "read_runs_csv", "run_study", "study_table"]
@@ -130,6 +131,17 @@ class RunRecord:
     occluded: dict[str, tuple[float, float]] = field(default_factory=dict)  # rate -> (Rank-1, mAP)
     seconds: float = 0.0  # wall time of this run's training and evaluation in the process that finished it
     machine: str = ""
+    diverged: str = ""  # why training stopped on a non-finite loss (its figures are NaN); "" for a run that finished
+
+    @classmethod
+    def of_diverged(cls, row: str, seed: int, epochs: int, occlude: Sequence[float], why: str, seconds: float,
+                    machine: str) -> RunRecord:
+        """The record of a run whose loss went non-finite: a result of the grid (that setting does not train with
+        this recipe), kept so that a resumed study does not train it again."""
+        nan = math.nan
+        return cls(row=row, seed=seed, split="", epochs=epochs, result_epoch=0, val_mAP=None, rank1=nan, mAP=nan,
+                   mINP=nan, occluded={f"{r:g}": (nan, nan) for r in occlude}, seconds=seconds, machine=machine,
+                   diverged=why)
 
 
 def _device() -> str:
@@ -146,7 +158,14 @@ def run_one(grid: Grid, row: str, seed: int, out: Path) -> RunRecord:
 
     cfg = grid.config(row, seed, out)
     start = time.perf_counter()
-    result = train(cfg, resume="auto")
+    try:
+        result = train(cfg, resume="auto")
+    except TrainingDivergedError as err:
+        why = str(err).split("; stopped")[0]  # "loss term 'ce' is nan at epoch 1, iteration 5 (step 5)"
+        logger.warning("%s, seed %d diverged: %s", row, seed, why)
+        record = RunRecord.of_diverged(row, seed, cfg.solver.epochs, grid.occlude, why, time.perf_counter() - start,
+                                       machine_description(_device()))
+        return _saved(record, Path(cfg.output_dir))
     tested = result.best_checkpoint if result.split == "val" and result.best_checkpoint else result.checkpoint
     model, saved = load_model(tested)
     device = resolve_device(saved.engine.device)
@@ -161,7 +180,11 @@ def run_one(grid: Grid, row: str, seed: int, out: Path) -> RunRecord:
                        mAP=float(clean.mAP), mINP=float(clean.mINP),
                        occluded={f"{r:g}": (float(v.rank(1)), float(v.mAP)) for r, v in results.items() if r > 0},
                        seconds=time.perf_counter() - start, machine=machine_description(_device()))
-    with atomic_path(Path(cfg.output_dir) / RECORD) as tmp:
+    return _saved(record, Path(cfg.output_dir))
+
+
+def _saved(record: RunRecord, folder: Path) -> RunRecord:
+    with atomic_path(folder / RECORD) as tmp:
         tmp.write_text(json.dumps(asdict(record), indent=1))
     return record
 
@@ -286,8 +309,9 @@ def run_study(grid: Grid, out: str | Path, dry_run: bool = False, runs_from: str
         timed.append(record)
         estimates[row] = float(np.mean([r.seconds for r in timed if r.row == row]))
         left = sum(estimates[r] for r, _ in todo[i:])
-        report(f"[{i}/{len(todo)}] {row}, seed {seed}: Rank-1 {100 * record.rank1:.1f}  mAP {100 * record.mAP:.1f} "
-               f"({_duration(record.seconds)}); ETA {_duration(left)}")
+        outcome = f"diverged, {record.diverged}" if record.diverged else \
+            f"Rank-1 {100 * record.rank1:.1f}  mAP {100 * record.mAP:.1f}"
+        report(f"[{i}/{len(todo)}] {row}, seed {seed}: {outcome} ({_duration(record.seconds)}); ETA {_duration(left)}")
         write_outputs(grid, done, out)
     if not todo and done:
         write_outputs(grid, done, out)
@@ -322,21 +346,24 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def study_table(grid: Grid, records: list[RunRecord]) -> str:
-    """A Markdown table: one line per row, mean ± std over its finished seeds for every column."""
+    """A Markdown table: one line per row, mean ± std over its finished seeds for every column (runs that
+    diverged are counted apart, in the seeds column; a row of only such runs reads "diverged")."""
     cols = _columns(grid)
     lines = ["| setting | seeds | " + " | ".join(name for name, _ in cols) + " | time per run |",
              "|---|---|" + "---|" * len(cols) + "---|"]
     for row in grid.rows:
-        runs = sorted((r for r in records if r.row == row), key=lambda r: r.seed)
-        if not runs:
+        every = [r for r in records if r.row == row]
+        if not every:
             lines.append(f"| {row} | 0 | " + " | ".join("" for _ in cols) + " | |")
             continue
+        runs = sorted((r for r in every if not r.diverged), key=lambda r: r.seed)
+        seeds = f"{len(runs)}" + (f" + {len(every) - len(runs)} diverged" if len(runs) < len(every) else "")
         cells = []
         for _, get in cols:
-            mean, std = _mean_std([get(r) for r in runs])
-            cells.append(f"{mean:.1f} ± {std:.1f}" if len(runs) > 1 else f"{mean:.1f}")
-        minutes = np.mean([r.seconds for r in runs]) / 60
-        lines.append(f"| {row} | {len(runs)} | " + " | ".join(cells) + f" | {minutes:.0f} min |")
+            mean, std = _mean_std([get(r) for r in runs]) if runs else (math.nan, 0.0)
+            cells.append("diverged" if not runs else f"{mean:.1f} ± {std:.1f}" if len(runs) > 1 else f"{mean:.1f}")
+        minutes = np.mean([r.seconds for r in every]) / 60
+        lines.append(f"| {row} | {seeds} | " + " | ".join(cells) + f" | {minutes:.0f} min |")
     return "\n".join(lines)
 
 
@@ -347,9 +374,10 @@ def write_outputs(grid: Grid, records: list[RunRecord], out: Path) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(_csv_header(grid))
     for r in sorted(records, key=lambda r: (list(grid.rows).index(r.row) if r.row in grid.rows else 1e9, r.seed)):
+        figures = ["" if r.diverged else _short(get(r)) for _, get in cols]
         writer.writerow([r.row, r.seed, r.split, r.epochs, r.result_epoch,
-                         "" if r.val_mAP is None else _short(100 * r.val_mAP), *(_short(get(r)) for _, get in cols),
-                         f"{r.seconds:.0f}", r.machine])
+                         "" if r.val_mAP is None else _short(100 * r.val_mAP), *figures, f"{r.seconds:.0f}", r.machine,
+                         r.diverged])
     with atomic_path(out / "runs.csv") as tmp:
         tmp.write_text(buffer.getvalue())
     with atomic_path(out / "table.md") as tmp:
@@ -364,18 +392,19 @@ def _short(value: float) -> str:
 
 def _csv_header(grid: Grid) -> list[str]:
     return ["setting", "seed", "split", "epochs", "result_epoch", "val_mAP", *(n for n, _ in _columns(grid)),
-            "seconds", "machine"]
+            "seconds", "machine", "diverged"]
 
 
 def read_runs_csv(path: str | Path, grid: Grid) -> list[RunRecord]:
     """The runs of a ``runs.csv`` (as ``write_outputs`` writes it) that belong to ``grid``'s rows and seeds.
 
-    Its columns must be this grid's (the same occlusion rates); lines of other settings or seeds are skipped.
+    Its columns must be this grid's (the same occlusion rates; the last, ``diverged``, may be missing: files
+    written before it existed); lines of other settings or seeds are skipped.
     """
     with reading(path, "--runs-from", "the runs.csv of an earlier cgpn study") as path, path.open(newline="") as f:
         reader = csv.reader(f, strict=True)  # an unclosed quote (a file cut short) is an error, not a shorter field
         header = next(reader, [])
-        if header != _csv_header(grid):
+        if header not in (_csv_header(grid), _csv_header(grid)[:-1]):
             raise ConfigError(f"--runs-from: '{path}' has the columns {', '.join(header) or '(none)'}; this grid's "
                               f"runs.csv has {', '.join(_csv_header(grid))}")
         records = []
@@ -385,6 +414,11 @@ def read_runs_csv(path: str | Path, grid: Grid) -> list[RunRecord]:
                 if len(values) != len(header):
                     raise ValueError(f"{len(values)} values for {len(header)} columns")
                 if cells["setting"] not in grid.rows or int(cells["seed"]) not in grid.seeds:
+                    continue
+                if cells.get("diverged"):
+                    records.append(RunRecord.of_diverged(
+                        cells["setting"], int(cells["seed"]), int(cells["epochs"]), grid.occlude, cells["diverged"],
+                        float(cells["seconds"]), cells["machine"]))
                     continue
                 # _columns' order: Rank-1, mAP, mINP, then Rank-1 and mAP of each occlusion rate
                 pct = [float(cells[name]) / 100 for name, _ in _columns(grid)]
@@ -408,7 +442,7 @@ def plot_study(grid: Grid, records: list[RunRecord], path: Path) -> Path:
     fig = Figure(figsize=(10, 4), dpi=110)
     axes = fig.subplots(1, 2)
     for row in grid.rows:
-        runs = [r for r in records if r.row == row]
+        runs = [r for r in records if r.row == row and not r.diverged]
         if not runs:
             continue
         for ax, index, attr in ((axes[0], 0, "rank1"), (axes[1], 1, "mAP")):
@@ -420,7 +454,8 @@ def plot_study(grid: Grid, records: list[RunRecord], path: Path) -> Path:
         ax.set_xlabel("query area hidden (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # no line where every run diverged
+            ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp)
