@@ -290,11 +290,11 @@ def test_index_first_pass_setting(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("flags", "native", "queries", "expected"), [
     ({"avx512_vnni", "avx512_bf16"}, True, 32, "int8"), ({"avx_vnni"}, False, 1, "int8"), (set(), True, 4, "bf16"),
-    (set(), True, 8, "bf16"), (set(), True, 9, None), (set(), False, 2, "bf16"), (set(), False, 3, None)])
-def test_auto_takes_int8_on_cpus_with_int8_dot_products_else_bf16_for_few_queries(
+    (set(), True, 64, "bf16"), (set(), False, 2, "bf16"), (set(), False, 3, None)])
+def test_auto_takes_int8_on_cpus_with_int8_dot_products_else_bf16_where_it_can_pay(
         flags: set, native: bool, queries: int, expected: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """auto on a large gallery (MIN_VALUES lowered here): int8 where /proc/cpuinfo lists VNNI or AMX int8,
-    else bf16 for up to 8 queries on a CPU with native bf16 and up to 2 where it is emulated, else fp32."""
+    """auto on a large gallery (MIN_VALUES lowered here), where nothing was timed: int8 where /proc/cpuinfo lists
+    VNNI or AMX int8, else bf16 on a CPU with native bf16 and for up to 2 queries where it is emulated, else fp32."""
     monkeypatch.setattr(exact_module, "MIN_VALUES", 1000)
     monkeypatch.setattr(precision, "cpu_info", lambda: ("test CPU", frozenset(flags), 2))
     monkeypatch.setattr(exact_module, "cpu_has_native_bf16", lambda: native)
@@ -397,3 +397,35 @@ def test_prepare_times_every_batch_size_a_server_can_form(monkeypatch: pytest.Mo
     monkeypatch.setattr(exact_module, "_timed_gallery_first", lambda *a: pytest.fail("timed in a search"))
     for count in (1, 3, 17, 48):
         assert (index.search(gallery[:count], 5)[1][:, 0] == np.arange(count)).all()
+
+
+def test_prepare_takes_the_fastest_search_for_each_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``prepare`` timed them, auto takes for each batch size the search that ran fastest (here made slow
+    on purpose: the fp32 product always, int8 for 4 queries or more, bf16 for fewer), and the results stay
+    exact; a pass slower than fp32 everywhere is not taken."""
+    import time
+
+    monkeypatch.setattr(exact_module, "MIN_VALUES", 1000)
+    monkeypatch.setattr(exact_module, "_timed_gallery_first", lambda rows, count: False)
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("test CPU", frozenset({"avx512_vnni"}), 2))
+    monkeypatch.setattr(exact_module, "cpu_has_native_bf16", lambda: True)
+    slow = {"fp32": lambda count: True, "int8": lambda count: count >= 4, "bf16": lambda count: count < 4}
+    fp32 = exact_module.fp32_scores
+    monkeypatch.setattr(exact_module, "fp32_scores", lambda g, q: (time.sleep(0.03) if slow["fp32"](len(q)) else None)
+                        or fp32(g, q))
+    for kind in PASSES:
+        monkeypatch.setattr(kind, "scores", lambda self, q, scores=kind.scores: (
+            time.sleep(0.03) if slow[self.name](len(q)) else None) or scores(self, q))
+    gallery = _unit(3000, 32, 12)
+    names = [f"{i}.jpg" for i in range(3000)]
+    index = GalleryIndex.build(FeatureFile(names, gallery), IndexSettings())
+    index.prepare(24)
+    assert index._fastest == {1: "int8", 2: "int8", 4: "bf16", 8: "bf16", 16: "bf16", 32: "bf16"}
+    for count, expected in ((1, "int8"), (3, "bf16"), (24, "bf16"), (40, "bf16")):  # 40: the largest bucket timed
+        assert index.first_pass(count).name == expected
+        queries = _unit(count, 32, 13 + count)
+        np.testing.assert_array_equal(index.search(queries, 10)[1], _brute_force(gallery, queries, 10))
+    slow.update(fp32=lambda count: False, int8=lambda count: True, bf16=lambda count: True)
+    again = GalleryIndex.build(FeatureFile(names, gallery), IndexSettings())
+    again.prepare(4)
+    assert again._fastest == {1: None, 2: None, 4: None} and again.first_pass(3) is None

@@ -324,6 +324,8 @@ def test_gallery_and_query_lists(client: TestClient, gallery: Gallery, ref: dict
     assert health["cameras"] == sorted({int(n.split("_c")[1][0]) - 1 for n in names})
     assert health["queries"] == len(list(gallery.queries.glob("*.jpg"))) and health["index_kind"] == "flat"
     assert health["first_pass"] is None  # auto: a gallery this small is searched in one fp32 pass
+    assert health["first_pass_by_batch"] == {"1": None, "2": None, "4": None, "8": None, "16": None, "32": None,
+                                             "64": None}  # every batch the searcher forms (max_batch 64)
     for i in (0, len(names) - 1):
         item = client.get(f"/api/gallery/{i}").json()
         assert item == {"id": i, "name": names[i], "pid": int(names[i][:4]), "camid": int(names[i][6]) - 1}

@@ -35,7 +35,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -43,15 +43,13 @@ import torch
 
 from cgpn.engine.precision import cpu_has_int8_dot, cpu_has_native_bf16
 
-__all__ = ["BF16_EMULATED_MAX_QUERIES", "BF16_MAX_QUERIES", "INT8_PRODUCTS", "MIN_VALUES", "Bf16FirstPass", "FirstPass",
-           "FirstScores", "Int8FirstPass", "Int8Product", "IntMmInt8Product", "OneDnnInt8Product", "exact_int8_product",
-           "exact_search", "fp32_scores", "gallery_first_is_faster"]
+__all__ = ["BF16_EMULATED_MAX_QUERIES", "INT8_PRODUCTS", "MIN_VALUES", "Bf16FirstPass", "FirstPass", "FirstScores",
+           "Int8FirstPass", "Int8Product", "IntMmInt8Product", "OneDnnInt8Product", "batch_bucket", "exact_int8_product",
+           "exact_search", "fastest_first_pass", "fp32_scores", "gallery_first_is_faster"]
 
 logger = logging.getLogger(__name__)
 
 MIN_VALUES = 2**24  # auto: galleries of at least this many values (64 MB of fp32; below, a pass is fast anyway)
-BF16_MAX_QUERIES = 8  # auto: bf16 for batches of at most this many queries; larger ones are compute-bound, and torch's
-# bf16 matrix multiply on a 2-core AVX512-BF16 Xeon was no faster than fp32 there (32 queries: 136-184 vs 137 ms)
 BF16_EMULATED_MAX_QUERIES = 2  # auto, on a CPU without native bf16: torch emulates the product, which still reads
 # half the bytes (2-core AMD EPYC, AVX2, 100,000 x 3072: 1 query 38 vs 98 ms, 2 queries 68-74 vs 135 ms; 4 queries
 # 129-132 vs 161-274 ms, too close to call; 8 and more, slower than fp32)
@@ -95,7 +93,8 @@ class FirstPass:
 
     @staticmethod
     def pays(gallery: torch.Tensor, queries: int) -> bool:
-        """Whether ``first_pass=auto`` takes this pass for a search of ``queries`` queries of ``gallery``."""
+        """Whether this pass can be faster than the fp32 pass for ``queries`` queries of ``gallery`` on this
+        machine (``first_pass=auto`` takes the first that can, or the fastest of them where it was timed)."""
         raise NotImplementedError
 
 
@@ -266,10 +265,8 @@ class Bf16FirstPass(FirstPass):
 
     @staticmethod
     def pays(gallery: torch.Tensor, queries: int) -> bool:
-        """Whether ``first_pass=auto`` uses it: a large gallery and a batch of few queries (fewer where this
-        CPU's bf16 is emulated)."""
-        most = BF16_MAX_QUERIES if cpu_has_native_bf16() else BF16_EMULATED_MAX_QUERIES
-        return gallery.numel() >= MIN_VALUES and queries <= most
+        """A large gallery on a CPU with native bf16 (any number of queries), or 1-2 queries where it is emulated."""
+        return gallery.numel() >= MIN_VALUES and (cpu_has_native_bf16() or queries <= BF16_EMULATED_MAX_QUERIES)
 
     def scores(self, queries: torch.Tensor) -> FirstScores:
         """bf16 scores, and how far each may be from the fp32 search's."""
@@ -311,11 +308,40 @@ def gallery_first_is_faster(gallery: torch.Tensor, count: int) -> bool:
     False without timing for a gallery under ``MIN_VALUES`` (fast either way)."""
     if gallery.numel() < MIN_VALUES:
         return False
-    key = (gallery.shape[1], min(64, 1 << (count - 1).bit_length()))
+    key = (gallery.shape[1], batch_bucket(count))
     if key not in _gallery_first:
         _gallery_first[key] = _timed_gallery_first(gallery[:_LAYOUT_ROWS], key[1])
         logger.debug("fp32 product of %d queries: %s", key[1], "(g @ q.T).T" if _gallery_first[key] else "q @ g.T")
     return _gallery_first[key]
+
+
+def batch_bucket(count: int) -> int:
+    """The batch size a speed choice of ``count`` queries is made for: 1, 2, 4, ..., 64 (more: 64)."""
+    return min(64, 1 << (count - 1).bit_length())
+
+
+def fastest_first_pass(gallery: torch.Tensor, candidates: Sequence[FirstPass], count: int,
+                       k: int = 10) -> FirstPass | None:
+    """The fastest exact search of ``count`` queries of ``gallery`` on this machine: one of the usable
+    ``candidates``, or None for the fp32 pass. Each is timed on ``count`` rows of the gallery spread over it,
+    the best of 2 searches after an untimed one, all in turns (so that a machine whose speed drifts slows all
+    alike). Which pass wins depends on the CPU, not only its flags: on a 2-core AMX Xeon bf16 took 45 ms for
+    32 queries of 100,000 x 3072 and int8 59, on a 2-core AVX512-VNNI Xeon without AMX bf16 was no faster
+    than fp32 there."""
+    options = [None, *(c for c in candidates if c.usable)]
+    if len(options) == 1:
+        return None
+    queries = gallery[torch.linspace(0, len(gallery) - 1, count).long()].numpy()
+    best = [math.inf] * len(options)
+    for turn in range(3):
+        for i, option in enumerate(options):
+            start = time.perf_counter()
+            exact_search(gallery, queries, k, first_pass=option)
+            if turn:
+                best[i] = min(best[i], time.perf_counter() - start)
+    logger.debug("exact search of %d queries: %s", count, ", ".join(
+        f"{o.name if o else 'fp32'} {1000 * t:.0f} ms" for o, t in zip(options, best)))
+    return options[int(np.argmin(best))]
 
 
 def _product(gallery: torch.Tensor, queries: torch.Tensor, gallery_first: bool) -> torch.Tensor:

@@ -32,7 +32,9 @@ from cgpn.retrieval.exact import (
     Bf16FirstPass,
     FirstPass,
     Int8FirstPass,
+    batch_bucket,
     exact_search,
+    fastest_first_pass,
     gallery_first_is_faster,
 )
 from cgpn.retrieval.features import FeatureFile
@@ -44,8 +46,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "cgpn-index-v2"
 TRAILER = struct.Struct("<Q8s")  # the last 16 bytes of an index file: length of the metadata JSON, MAGIC
 MAGIC = b"CGPN-IDX"
-FIRST_PASS_KINDS = {kind.name: kind for kind in (Int8FirstPass, Bf16FirstPass)}  # auto tries them in this order:
-# fastest first (benchmarks/serve_load.py)
+FIRST_PASS_KINDS = {kind.name: kind for kind in (Int8FirstPass, Bf16FirstPass)}  # auto without timing tries them
+# in this order: the faster first on the CPUs measured without AMX (benchmarks/serve_load.py)
 
 
 def import_faiss():
@@ -72,6 +74,8 @@ class GalleryIndex:
         self.index, self.paths, self.pids, self.camids = index, paths, pids, camids
         self.checkpoint, self.settings = checkpoint, settings
         self._first_passes: dict[str, FirstPass] = {}  # made at first use
+        self._fastest: dict[int, str | None] = {}  # batch size bucket -> the first pass auto takes (None: fp32),
+        # timed by prepare
         self._copied: tuple[Any, torch.Tensor] | None = None  # (faiss index, its vectors copied into aligned memory)
         if settings.first_pass not in FIRST_PASSES:
             raise ConfigError(f"--first-pass must be one of {', '.join(FIRST_PASSES)}, got '{settings.first_pass}'")
@@ -249,31 +253,41 @@ class GalleryIndex:
         return self.index.search(_normalized(queries), k, params=params)
 
     def first_pass(self, queries: int = 1) -> FirstPass | None:
-        """The first pass an exact search of ``queries`` queries takes (``settings.first_pass``; auto: int8 on
-        CPUs with int8 dot products, else bf16 for up to 8 queries on CPUs with native bf16 and up to 2 elsewhere,
-        both for galleries of 2^24+ values), or None: an fp32 pass, or not an exact index. Made at the first use
-        (1 or 2 bytes per stored value); one whose self-check failed (``usable`` False) leaves the search fp32."""
+        """The first pass an exact search of ``queries`` queries takes (``settings.first_pass``), or None: an fp32
+        pass, or not an exact index. auto, for galleries of 2^24+ values: the fastest for this batch size where
+        ``prepare`` timed them, else int8 on CPUs with int8 dot products, else bf16 on CPUs with native bf16 and
+        for 1-2 queries elsewhere. Made at the first use (1 or 2 bytes per stored value); one whose self-check
+        failed (``usable`` False) leaves the search fp32."""
         vectors = self._vectors()
         mode = self.settings.first_pass
         if vectors is None or mode == "off":
             return None
         if mode != "auto":
             return self._first_pass(mode, vectors)
+        if self._fastest:
+            name = self._fastest.get(batch_bucket(queries), self._fastest[max(self._fastest)])
+            return None if name is None else self._first_passes[name]
         for name, kind in FIRST_PASS_KINDS.items():
             if kind.pays(vectors, queries) and (found := self._first_pass(name, vectors)).usable:
                 return found
         return None
 
     def prepare(self, max_queries: int) -> None:
-        """Make now what exact searches of up to ``max_queries`` queries use (their first passes, the fp32
-        product's operand order, timed), so that no request waits for it: a server calls it at start."""
+        """Make now what exact searches of up to ``max_queries`` queries use, so that no request waits for it:
+        the fp32 product's operand order and, for ``first_pass=auto``, the fastest of the fp32 pass and the first
+        passes that can pay here, each timed per batch size bucket (1, 2, 4, ...). A server calls it at start."""
         vectors = self._vectors()
         if vectors is None:
             return
         count = 1
         while True:
-            self.first_pass(count)
             gallery_first_is_faster(vectors, count)
+            if self.settings.first_pass == "auto":
+                kinds = [name for name, kind in FIRST_PASS_KINDS.items() if kind.pays(vectors, count)]
+                found = fastest_first_pass(vectors, [self._first_pass(name, vectors) for name in kinds], count)
+                self._fastest[batch_bucket(count)] = found.name if found is not None else None
+            else:
+                self.first_pass(count)
             if count >= max_queries:
                 return
             count = min(2 * count, max_queries)

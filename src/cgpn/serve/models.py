@@ -78,6 +78,9 @@ class Health(BaseModel):
     first_pass: str | None = Field(..., description="flat: the first pass a search of one query starts from (int8 "
                                    "or bf16 scores with a proven error bound; the same results as fp32, a quarter "
                                    "or half the memory read); null: an fp32 pass")
+    first_pass_by_batch: dict[str, str | None] = Field(..., description="flat: the first pass (null: fp32) a search "
+                                                       "of this many queries at once starts from, per batch size "
+                                                       "bucket (1, 2, 4, ...; the fastest, timed at start)")
     cameras: list[int] = Field(..., description="camids present in the gallery (empty: names carry none)")
     queries: int = Field(..., description="images of the --queries folder (0: none given)")
     max_topk: int
