@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -279,7 +280,7 @@ class GalleryIndex:
         vectors = self._vectors()
         if vectors is None:
             return
-        count = 1
+        count, start = 1, time.perf_counter()
         while True:
             gallery_first_is_faster(vectors, count)
             if self.settings.first_pass == "auto":
@@ -289,8 +290,12 @@ class GalleryIndex:
             else:
                 self.first_pass(count)
             if count >= max_queries:
-                return
+                break
             count = min(2 * count, max_queries)
+        if self._fastest and any(self._fastest.values()):
+            logger.info("exact search, queries at once: first pass (the fastest, timed in %.1f s): %s",
+                        time.perf_counter() - start,
+                        ", ".join(f"{b} {name or 'fp32'}" for b, name in sorted(self._fastest.items())))
 
     def _first_pass(self, name: str, vectors: torch.Tensor) -> FirstPass:
         if name not in self._first_passes:
