@@ -56,7 +56,12 @@ class IndexFileError(CgpnError):
 
 
 class TrainingDivergedError(CgpnError):
-    """A loss term became NaN or infinite; the run stopped before the bad update."""
+    """A loss term became NaN or infinite; the run stopped before the bad update. ``what``: which term and
+    when, in a few words (the message adds what was kept and what to try)."""
+
+    def __init__(self, message: str, what: str = "") -> None:
+        super().__init__(message)
+        self.what = what or message
 
 
 class FolderInUseError(ConfigError):

@@ -161,10 +161,9 @@ def run_one(grid: Grid, row: str, seed: int, out: Path) -> RunRecord:
     try:
         result = train(cfg, resume="auto")
     except TrainingDivergedError as err:
-        why = str(err).split("; stopped")[0]  # "loss term 'ce' is nan at epoch 1, iteration 5 (step 5)"
-        logger.warning("%s, seed %d diverged: %s", row, seed, why)
-        record = RunRecord.of_diverged(row, seed, cfg.solver.epochs, grid.occlude, why, time.perf_counter() - start,
-                                       machine_description(_device()))
+        logger.warning("%s, seed %d diverged: %s", row, seed, err.what)
+        record = RunRecord.of_diverged(row, seed, cfg.solver.epochs, grid.occlude, err.what,
+                                       time.perf_counter() - start, machine_description(_device()))
         return _saved(record, Path(cfg.output_dir))
     tested = result.best_checkpoint if result.split == "val" and result.best_checkpoint else result.checkpoint
     model, saved = load_model(tested)
@@ -345,6 +344,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def _mean_std_cell(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
 def study_table(grid: Grid, records: list[RunRecord]) -> str:
     """A Markdown table: one line per row, mean ± std over its finished seeds for every column (runs that
     diverged are counted apart, in the seeds column; a row of only such runs reads "diverged")."""
@@ -358,10 +362,7 @@ def study_table(grid: Grid, records: list[RunRecord]) -> str:
             continue
         runs = sorted((r for r in every if not r.diverged), key=lambda r: r.seed)
         seeds = f"{len(runs)}" + (f" + {len(every) - len(runs)} diverged" if len(runs) < len(every) else "")
-        cells = []
-        for _, get in cols:
-            mean, std = _mean_std([get(r) for r in runs]) if runs else (math.nan, 0.0)
-            cells.append("diverged" if not runs else f"{mean:.1f} ± {std:.1f}" if len(runs) > 1 else f"{mean:.1f}")
+        cells = [_mean_std_cell([get(r) for r in runs]) for _, get in cols] if runs else ["diverged"] * len(cols)
         minutes = np.mean([r.seconds for r in every]) / 60
         lines.append(f"| {row} | {seeds} | " + " | ".join(cells) + f" | {minutes:.0f} min |")
     return "\n".join(lines)

@@ -228,11 +228,11 @@ class Trainer:
         bad = next((k for k, v in terms.items() if not math.isfinite(v)), None)
         if any_rank(bad is not None, self.env, self.device):
             what = f"loss term '{bad}' is {terms[bad]}" if bad else "a loss term is not finite on another process"
+            what += f" at epoch {self.epoch + 1}, iteration {self.batch + 1} (step {self.step + 1})"
             raise TrainingDivergedError(
-                f"{what} at epoch {self.epoch + 1}, iteration {self.batch + 1} (step {self.step + 1}); stopped "
-                f"before that update; last good checkpoint: {self.last_checkpoint or 'none yet'} "
+                f"{what}; stopped before that update; last good checkpoint: {self.last_checkpoint or 'none yet'} "
                 f"(try a lower solver.lr or solver.warmup_epochs"
-                f"{'' if self.precision.name == 'fp32' else ' or engine.precision=fp32'})")
+                f"{'' if self.precision.name == 'fp32' else ' or engine.precision=fp32'})", what)
         with self.clock.phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -250,9 +250,10 @@ class Trainer:
         finite = torch.stack([torch.isfinite(p).all() for p in params]).cpu()  # one device sync, not one each
         if not finite.all():
             bad = names[int((~finite).nonzero()[0])]
+            what = f"parameter '{bad}' is not finite after step {self.step} (epoch {self.epoch + 1})"
             raise TrainingDivergedError(
-                f"parameter '{bad}' is not finite after step {self.step} (epoch {self.epoch + 1}); not saved; "
-                f"last good checkpoint: {self.last_checkpoint or 'none yet'} (try a lower solver.lr)")
+                f"{what}; not saved; last good checkpoint: {self.last_checkpoint or 'none yet'} (try a lower solver.lr)",
+                what)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue exactly where this one is."""
