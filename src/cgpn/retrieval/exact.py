@@ -17,6 +17,9 @@ approximation.
   the search fp32. On a 2-core AVX512-VNNI Xeon 2-3x faster than the fp32 pass for 1-4 queries and 1.5x for
   32 (benchmarks/serve_load.py).
 - ``Bf16FirstPass``: bf16 rows (half the bytes) and torch's bf16 matrix multiply, where that sums in fp32.
+  On a 2-core AMX Xeon the fastest of the three from 2 queries up (32 queries of 100,000 x 3072: 43-45 ms,
+  int8 58-62, fp32 114-118), so which pass a search takes is best timed on the machine (``fastest_first_pass``,
+  what ``GalleryIndex.prepare`` does for a server).
 
 The fp32 product itself (``fp32_scores``) is one BLAS call in whichever operand order is faster on the
 machine, timed once per process and batch size on a slice of the gallery: the same sums in another order,
