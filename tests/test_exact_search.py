@@ -15,6 +15,7 @@ from cgpn.engine import precision
 from cgpn.errors import ConfigError
 from cgpn.retrieval import FeatureFile, GalleryIndex, IndexSettings
 from cgpn.retrieval import exact as exact_module
+from cgpn.retrieval import index as index_module
 from cgpn.retrieval.exact import Bf16FirstPass, Int8FirstPass, exact_search
 
 PASSES = [Int8FirstPass, Bf16FirstPass]
@@ -397,6 +398,11 @@ def test_prepare_times_every_batch_size_a_server_can_form(monkeypatch: pytest.Mo
     monkeypatch.setattr(exact_module, "_timed_gallery_first", lambda *a: pytest.fail("timed in a search"))
     for count in (1, 3, 17, 48):
         assert (index.search(gallery[:count], 5)[1][:, 0] == np.arange(count)).all()
+    # a larger --max-batch: searches of 64 queries stand for every larger batch (bucket 64), none of more is timed
+    searched = []
+    monkeypatch.setattr(index_module, "fastest_first_pass", lambda g, candidates, count: searched.append(count))
+    GalleryIndex.build(FeatureFile([f"{i}.jpg" for i in range(3000)], gallery), IndexSettings()).prepare(1000)
+    assert searched == [1, 2, 4, 8, 16, 32, 64]
 
 
 def test_prepare_takes_the_fastest_search_for_each_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:

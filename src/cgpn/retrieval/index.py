@@ -289,9 +289,9 @@ class GalleryIndex:
                 self._fastest[batch_bucket(count)] = found.name if found is not None else None
             else:
                 self.first_pass(count)
-            if count >= max_queries:
+            if count >= min(max_queries, batch_bucket(max_queries)):  # a batch of 64 stands for every larger one
                 break
-            count = min(2 * count, max_queries)
+            count = min(2 * count, max_queries, batch_bucket(max_queries))
         if self._fastest and any(self._fastest.values()):
             logger.info("exact search, queries at once: first pass (the fastest, timed in %.1f s): %s",
                         time.perf_counter() - start,
