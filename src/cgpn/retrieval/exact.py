@@ -47,7 +47,8 @@ import torch
 from cgpn.engine.precision import cpu_has_int8_dot, cpu_has_native_bf16
 
 __all__ = ["BF16_EMULATED_MAX_QUERIES", "INT8_PRODUCTS", "MIN_VALUES", "Bf16FirstPass", "FirstPass", "FirstScores",
-           "Int8FirstPass", "Int8Product", "IntMmInt8Product", "OneDnnInt8Product", "batch_bucket", "exact_int8_product",
+           "Int8FirstPass", "Int8Product", "IntMmInt8Product", "OneDnnInt8Product", "batch_bucket", "batch_sizes",
+           "exact_int8_product",
            "exact_search", "fastest_first_pass", "fp32_scores", "gallery_first_is_faster"]
 
 logger = logging.getLogger(__name__)
@@ -321,6 +322,15 @@ def gallery_first_is_faster(gallery: torch.Tensor, count: int) -> bool:
 def batch_bucket(count: int) -> int:
     """The batch size a speed choice of ``count`` queries is made for: 1, 2, 4, ..., 64 (more: 64)."""
     return min(64, 1 << (count - 1).bit_length())
+
+
+def batch_sizes(max_queries: int) -> list[int]:
+    """The batch sizes speed choices are timed at for batches of up to ``max_queries``: 1, 2, 4, ... and
+    ``max_queries`` itself, at most 64 (one of each ``batch_bucket``; 64 stands for every larger batch)."""
+    last, sizes = min(max_queries, batch_bucket(max_queries)), [1]
+    while sizes[-1] < last:
+        sizes.append(min(2 * sizes[-1], last))
+    return sizes
 
 
 def fastest_first_pass(gallery: torch.Tensor, candidates: Sequence[FirstPass], count: int,

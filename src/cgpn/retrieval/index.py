@@ -34,6 +34,7 @@ from cgpn.retrieval.exact import (
     FirstPass,
     Int8FirstPass,
     batch_bucket,
+    batch_sizes,
     exact_search,
     fastest_first_pass,
     gallery_first_is_faster,
@@ -280,8 +281,8 @@ class GalleryIndex:
         vectors = self._vectors()
         if vectors is None:
             return
-        count, start = 1, time.perf_counter()
-        while True:
+        start = time.perf_counter()
+        for count in batch_sizes(max_queries):
             gallery_first_is_faster(vectors, count)
             if self.settings.first_pass == "auto":
                 kinds = [name for name, kind in FIRST_PASS_KINDS.items() if kind.pays(vectors, count)]
@@ -289,9 +290,6 @@ class GalleryIndex:
                 self._fastest[batch_bucket(count)] = found.name if found is not None else None
             else:
                 self.first_pass(count)
-            if count >= min(max_queries, batch_bucket(max_queries)):  # a batch of 64 stands for every larger one
-                break
-            count = min(2 * count, max_queries, batch_bucket(max_queries))
         if self._fastest and any(self._fastest.values()):
             logger.info("exact search, queries at once: first pass (the fastest, timed in %.1f s): %s",
                         time.perf_counter() - start,

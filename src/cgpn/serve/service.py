@@ -37,7 +37,7 @@ from cgpn.data.loader import read_image
 from cgpn.errors import CgpnError, RequestError
 from cgpn.extractor import FeatureExtractor, list_images
 from cgpn.retrieval import GalleryIndex, parse_market_names
-from cgpn.retrieval.exact import batch_bucket
+from cgpn.retrieval.exact import batch_bucket, batch_sizes
 from cgpn.serve.batching import MicroBatcher, Ticket
 from cgpn.serve.models import FeatureQuery, GalleryItem, Health, Hit, ModelInfo
 
@@ -341,8 +341,8 @@ class SearchService:
                           backend=rt.backend, device=str(rt.device))
         return Health(gallery_size=len(self.index), dim=self.dim, index_kind=self.index.settings.kind,
                       first_pass=first.name if (first := self.index.first_pass()) else None,
-                      first_pass_by_batch={str(b): first.name if (first := self.index.first_pass(b)) else None
-                                           for b in sorted({batch_bucket(c) for c in range(1, self.settings.max_batch + 1)})},
+                      first_pass_by_batch={str(batch_bucket(b)): first.name if (first := self.index.first_pass(b)) else None
+                                           for b in batch_sizes(self.settings.max_batch)},
                       cameras=self.cameras, queries=self.count("query"), max_topk=self.settings.max_topk,
                       model=model, searches=self._searcher.items, search_batches=self._searcher.calls,
                       search_seconds=round(self._searcher.seconds, 6),
