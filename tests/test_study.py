@@ -103,15 +103,45 @@ def test_half_done_grid_runs_only_what_is_missing(finished, tmp_path, monkeypatc
 def test_eta_from_finished_runs_else_from_a_probe(finished, grid_file):
     grid, out, _records = finished
     todo = [("cgpn", 0), ("mgn", 0)]
-    fake = [study.RunRecord("cgpn", s, "val", 1, 1, 0.5, 0.5, 0.5, 0.5, {"0.2": (0.1, 0.1)}, seconds=t)
-            for s, t in ((0, 100.0), (1, 300.0))]
+    here = study._machine(grid.config("cgpn", 0, out))
+    fake = [study.RunRecord("cgpn", s, "val", 1, 1, 0.5, 0.5, 0.5, 0.5, {"0.2": (0.1, 0.1)}, seconds=t, machine=m,
+                            diverged=why)
+            for s, t, m, why in ((0, 100.0, here, ""), (1, 300.0, here, ""),
+                                 (2, 9000.0, "Other CPU, 2 cores, avx2 fma, 2 torch threads, bf16 emulated", ""),
+                                 (3, 2.0, here, "loss term 'ce' is nan at epoch 1, iteration 5"))]
     one = study.estimate_seconds(grid, todo, fake, out, probe=lambda cfg: 1.0)
     two = study.estimate_seconds(grid, todo, fake, out, probe=lambda cfg: 2.0)
-    assert one["cgpn"] == two["cgpn"] == 200.0  # the mean of the finished runs of that setting
+    assert one["cgpn"] == two["cgpn"] == 200.0  # the mean of that setting's runs finished on this machine
     assert two["mgn"] == pytest.approx(2 * one["mgn"])  # no finished run: in proportion to the timed step
     cfg = grid.config("mgn", 0, out)
     steps = -(-6 // (cfg.data.batch_size // cfg.data.num_instances))  # 6 training identities, P per batch
     assert one["mgn"] > steps * cfg.solver.epochs  # the training steps, plus the evaluations
+
+
+def test_the_probe_and_the_machine_line_have_the_runs_threads(finished, monkeypatch):
+    """A grid with ``engine.threads=1`` in a process of 2 threads: its ETA probe trains on 1 thread (and puts
+    the 2 back), and its machine line, which records and the ETA's report carry, says 1."""
+    import cgpn.losses
+
+    grid, out, _records = finished
+    cfg = grid.config("mgn", 0, out)
+    assert cfg.engine.threads == 1
+    seen = []
+
+    class Spy(cgpn.losses.CGPNLoss):
+        def forward(self, *args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr(cgpn.losses, "CGPNLoss", Spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        study._step_seconds(cfg, steps=1)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        assert ", 1 torch threads, " in study._machine(cfg)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_grid_mistakes_are_one_line(grid_file, tmp_path, capsys):

@@ -16,8 +16,8 @@ is resumed, a finished one read from its ``study.json``, not retrained), evaluat
 run's result (``best.pt`` when ``data.val_ids`` selects it on the validation split, else ``last.pt``),
 clean and with each occlusion rate hidden, and writes ``out/runs.csv`` (one line per run),
 ``out/table.md`` (mean ± std over seeds per row) and ``out/occlusion.png`` (a line per row). Before
-training it prints an ETA for the whole grid: from finished runs of the same row, else from a few timed
-training steps of each row's network. Runs finished elsewhere (another machine, a lost folder) come in
+training it prints an ETA for the whole grid: from finished runs of the same row on this machine (same CPU or
+GPU, threads and torch), else from a few timed training steps of each row's network. Runs finished elsewhere (another machine, a lost folder) come in
 through their ``runs.csv`` (``runs_from``): they count as finished and join the table.
 """
 
@@ -148,6 +148,16 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _machine(cfg: Config) -> str:
+    """The machine line of a run of ``cfg``: this device, with the torch threads the run trains with."""
+    return machine_description(_device(), cfg.engine.threads or None)
+
+
+def _same_machine(a: str, b: str) -> bool:
+    """Whether two machine lines name the same device, flags, threads and torch (the load average aside)."""
+    return a.split(", load average")[0] == b.split(", load average")[0]
+
+
 def run_one(grid: Grid, row: str, seed: int, out: Path) -> RunRecord:
     """Train (or resume) and evaluate one run; its ``study.json`` is written last, so a kill leaves it to redo."""
     from cgpn.data.datasets import dataset_from_config
@@ -163,7 +173,7 @@ def run_one(grid: Grid, row: str, seed: int, out: Path) -> RunRecord:
     except TrainingDivergedError as err:
         logger.warning("%s, seed %d diverged: %s", row, seed, err.what)
         record = RunRecord.of_diverged(row, seed, cfg.solver.epochs, grid.occlude, err.what,
-                                       time.perf_counter() - start, machine_description(_device()))
+                                       time.perf_counter() - start, _machine(cfg))
         return _saved(record, Path(cfg.output_dir))
     tested = result.best_checkpoint if result.split == "val" and result.best_checkpoint else result.checkpoint
     model, saved = load_model(tested)
@@ -178,7 +188,7 @@ def run_one(grid: Grid, row: str, seed: int, out: Path) -> RunRecord:
                        val_mAP=float(best.mAP) if best is not None else None, rank1=float(clean.rank(1)),
                        mAP=float(clean.mAP), mINP=float(clean.mINP),
                        occluded={f"{r:g}": (float(v.rank(1)), float(v.mAP)) for r, v in results.items() if r > 0},
-                       seconds=time.perf_counter() - start, machine=machine_description(_device()))
+                       seconds=time.perf_counter() - start, machine=_machine(cfg))
     return _saved(record, Path(cfg.output_dir))
 
 
@@ -205,7 +215,8 @@ def read_record(grid: Grid, row: str, seed: int, out: Path) -> RunRecord | None:
 
 
 def _step_seconds(cfg: Config, steps: int = 3) -> float:
-    """Seconds of one training step of ``cfg``'s network on a random batch (after one untimed step)."""
+    """Seconds of one training step of ``cfg``'s network on a random batch (after one untimed step), with
+    the torch threads the run will have (``engine.threads``)."""
     from cgpn.engine.checkpoint import build_model_from_config
     from cgpn.engine.inference import resolve_device
     from cgpn.engine.precision import resolve_precision
@@ -220,24 +231,30 @@ def _step_seconds(cfg: Config, steps: int = 3) -> float:
     optimizer, criterion = build_optimizer(model, cfg), CGPNLoss(cfg.loss)
     images = torch.randn(d.batch_size, 3, d.height, d.width, device=device)
     pids = torch.arange(d.batch_size, device=device) // d.num_instances
-    timings = []
-    for _ in range(steps + 1):
-        begin = time.perf_counter()
-        with precision.autocast():
-            output = model(images)
-        loss, _ = criterion(output, pids)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - begin)
+    timings, threads = [], torch.get_num_threads()
+    if cfg.engine.threads > 0:
+        torch.set_num_threads(cfg.engine.threads)
+    try:
+        for _ in range(steps + 1):
+            begin = time.perf_counter()
+            with precision.autocast():
+                output = model(images)
+            loss, _ = criterion(output, pids)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            timings.append(time.perf_counter() - begin)
+    finally:
+        torch.set_num_threads(threads)
     return float(np.median(timings[1:]))
 
 
 def estimate_seconds(grid: Grid, todo: list[tuple[str, int]], done: list[RunRecord], out: Path,
                      probe: Callable[[Config], float] | None = None) -> dict[str, float]:
-    """Seconds one run of each row still to do takes: the mean of its finished runs, else a timed probe
+    """Seconds one run of each row still to do takes: the mean of its finished runs on this machine (the
+    same machine line, threads included: a run's time on another CPU says little here), else a timed probe
     (training steps x steps per run, plus the evaluations at a third of a step per image and view)."""
     from cgpn.data.datasets import dataset_from_config
     from cgpn.data.sampler import PKSampler
@@ -245,11 +262,13 @@ def estimate_seconds(grid: Grid, todo: list[tuple[str, int]], done: list[RunReco
     probe = probe or _step_seconds
     estimates: dict[str, float] = {}
     for row in dict.fromkeys(r for r, _ in todo):
-        times = [r.seconds for r in done if r.row == row and r.seconds > 0]
+        cfg = grid.config(row, todo[0][1], out)
+        here = _machine(cfg)
+        times = [r.seconds for r in done
+                 if r.row == row and r.seconds > 0 and not r.diverged and _same_machine(r.machine, here)]
         if times:
             estimates[row] = float(np.mean(times))
             continue
-        cfg = grid.config(row, todo[0][1], out)
         dataset = dataset_from_config(cfg.data)
         steps = len(PKSampler([s.pid for s in dataset.train], cfg.data.batch_size, cfg.data.num_instances,
                               cfg.data.epoch_mode))
@@ -295,7 +314,7 @@ def run_study(grid: Grid, out: str | Path, dry_run: bool = False, runs_from: str
     timed = done + _other_seeds_finished(grid, out, plan)  # a row's time does not depend on its seed
     estimates = estimate_seconds(grid, todo, timed, out) if todo else {}
     report(f"study: {len(grid.rows)} settings x {len(grid.seeds)} seeds = {len(plan)} runs, {len(done)} finished; "
-           f"ETA {_duration(sum(estimates[r] for r, _ in todo))} on {machine_description(_device())} "
+           f"ETA {_duration(sum(estimates[r] for r, _ in todo))} on {_machine(grid.config(*plan[0], out))} "
            f"({', '.join(f'{row} ~{_duration(s)}' for row, s in estimates.items()) or 'nothing to run'})")
     if dry_run:
         if done:
@@ -306,7 +325,9 @@ def run_study(grid: Grid, out: str | Path, dry_run: bool = False, runs_from: str
         record = run_one(grid, row, seed, out)
         done.append(record)
         timed.append(record)
-        estimates[row] = float(np.mean([r.seconds for r in timed if r.row == row]))
+        estimates[row] = float(np.mean([r.seconds for r in timed
+                                        if r.row == row and not r.diverged and _same_machine(r.machine, record.machine)]
+                                       or [record.seconds]))
         left = sum(estimates[r] for r, _ in todo[i:])
         outcome = f"diverged, {record.diverged}" if record.diverged else \
             f"Rank-1 {100 * record.rank1:.1f}  mAP {100 * record.mAP:.1f}"

@@ -77,17 +77,18 @@ def cpu_has_int8_dot() -> bool:
     return any(flag in cpu_info()[1] for flag in INT8_DOT_FLAGS)
 
 
-def machine_description(device: torch.device | str = "cpu") -> str:
+def machine_description(device: torch.device | str = "cpu", threads: int | None = None) -> str:
     """What a figure was measured on, in one line: the GPU's name, or the CPU's model, its vector and
-    matrix flags (``CPU_FLAGS``), its cores, torch's threads and whether bf16 is native (figures differ
-    several-fold between such CPUs)."""
+    matrix flags (``CPU_FLAGS``), its cores, the torch threads it ran with (``threads``, default: torch's
+    current number) and whether bf16 is native (figures differ several-fold between such CPUs), then the
+    load average."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
     model, flags, cores = cpu_info()
     have = [f for f in CPU_FLAGS if f in flags] or ["flags unknown"]
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return (f"{model}, {cores or '?'} cores, {' '.join(have)}, {torch.get_num_threads()} torch threads, bf16 "
+    return (f"{model}, {cores or '?'} cores, {' '.join(have)}, {threads or torch.get_num_threads()} torch threads, bf16 "
             f"{'native' if cpu_has_native_bf16() else 'emulated'} (torch {torch.__version__}){load}")
 
 
