@@ -17,6 +17,7 @@ from cgpn.cli import main
 from cgpn.data.datasets import dataset_from_config
 from cgpn.engine.checkpoint import load_model
 from cgpn.engine.evaluation import evaluate_model
+from cgpn.engine.precision import machine_description
 from cgpn.errors import ConfigError
 
 
@@ -139,7 +140,8 @@ def test_the_probe_and_the_machine_line_have_the_runs_threads(finished, monkeypa
     try:
         study._step_seconds(cfg, steps=1)
         assert seen == [1, 1] and torch.get_num_threads() == 2
-        assert ", 1 torch threads, " in study._machine(cfg)
+        assert ", 1 torch thread, " in study._machine(cfg)
+        assert ", 2 torch threads, " in machine_description("cpu", 2)
     finally:
         torch.set_num_threads(before)
 

@@ -88,7 +88,8 @@ def machine_description(device: torch.device | str = "cpu", threads: int | None 
     model, flags, cores = cpu_info()
     have = [f for f in CPU_FLAGS if f in flags] or ["flags unknown"]
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return (f"{model}, {cores or '?'} cores, {' '.join(have)}, {threads or torch.get_num_threads()} torch threads, bf16 "
+    threads = threads or torch.get_num_threads()
+    return (f"{model}, {cores or '?'} cores, {' '.join(have)}, {threads} torch thread{'s' * (threads != 1)}, bf16 "
             f"{'native' if cpu_has_native_bf16() else 'emulated'} (torch {torch.__version__}){load}")
 
 
