@@ -295,6 +295,25 @@ def test_precision_auto_follows_the_cpu_flags() -> None:
     assert resolve_precision("bf16", torch.device("cpu")).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_on_each_kind_of_cpu(native: bool, monkeypatch: pytest.MonkeyPatch,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """README: auto trains in bf16 autocast where the CPU has native bf16 (AVX512-BF16 / AMX) and in fp32 where
+    it does not (AVX2 only); fp16 is refused on the CPU, and bf16 asked for without native units is warned of."""
+    import cgpn.engine.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    auto = precision.resolve_precision("auto", cpu)
+    assert auto.name == ("bf16" if native else "fp32") and not auto.scaled
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        precision.resolve_precision("fp16", cpu)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=precision.logger.name):
+        assert precision.resolve_precision("bf16", cpu).dtype == torch.bfloat16
+    assert ("slower than fp32" in caplog.text) is not native
+
+
 def test_training_batches_depend_only_on_seed_epoch_and_batch(tiny_synth: Path) -> None:
     """Same images and the same random flips/erasing with 0 or 2 worker processes, and when an epoch
     is started in the middle (resume); another epoch draws other batches."""

@@ -76,7 +76,7 @@ def test_flip_averaging_matches_a_manual_average(checkpoint: Path, eager: Featur
     assert (flipped - plain).abs().max() > 1e-3  # the mirror does change the feature
 
 
-@pytest.mark.parametrize("backend", ["onnx", "channels_last", "bf16"])
+@pytest.mark.parametrize("backend", ["onnx", "channels_last", "bf16", pytest.param("compile", marks=pytest.mark.slow)])
 def test_fast_backends_agree_with_eager_fp32(checkpoint: Path, eager: FeatureExtractor, images: list[Path],
                                              backend: str) -> None:
     fast = FeatureExtractor(checkpoint, device="cpu", backend=backend)(images)

@@ -22,6 +22,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import cgpn.serve
 from cgpn.config import ServeSettings
 from cgpn.extractor import FeatureExtractor
 from cgpn.retrieval import GalleryIndex
@@ -336,6 +337,41 @@ def test_gallery_and_query_lists(client: TestClient, gallery: Gallery, ref: dict
     assert home.text.count("/api/queries/") == health["queries"]  # every query listed (one page of 48)
     listing = client.get("/gallery")
     assert [int(i) for i in re.findall(r'data-id="(\d+)"', listing.text)] == list(range(len(names)))
+
+
+def test_pages_carry_no_javascript(client: TestClient, gallery: Gallery) -> None:
+    """README: the search page works without JavaScript: no script element, no inline handler, no .js file."""
+    query = sorted(gallery.queries.glob("*.jpg"))[0]
+    upload = client.post("/search", files={"image": _jpeg(query)}, data={"threshold": ""})
+    pages = [client.get(path) for path in ("/", "/gallery", "/search?gallery=0", "/search?query=0")] + [upload]
+    for page in pages:
+        assert page.status_code == 200, page.url
+        assert not re.search(r"<script|\son[a-z]+\s*=|javascript:", page.text, re.IGNORECASE), page.url
+    static = Path(cgpn.serve.__file__).parent / "static"
+    assert static.is_dir() and not list(static.rglob("*.js"))
+
+
+def test_an_image_is_judged_by_its_bytes_not_its_name(client: TestClient, gallery: Gallery) -> None:
+    """README: uploads are judged by decoding: a JPEG sent as 'notes.txt' of type application/octet-stream,
+    and the same picture as PNG bytes named '.jpg', rank as the JPEG does."""
+    query = sorted(gallery.queries.glob("*.jpg"))[1]
+    as_png = io.BytesIO()
+    Image.open(query).save(as_png, "PNG")
+    answers = [client.post("/api/search", files={"image": upload}, data={"topk": "5"})
+               for upload in (_jpeg(query), ("notes.txt", query.read_bytes(), "application/octet-stream"),
+                              ("photo.jpg", as_png.getvalue(), "image/jpeg"))]
+    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+    ids = [[h["id"] for h in a.json()["results"]] for a in answers]
+    assert ids[1] == ids[0] and ids[2] == ids[0]  # the PNG holds the pixels the JPEG decodes to
+
+
+def test_the_upload_limits_default_to_the_readmes_figures() -> None:
+    """README: uploads are limited to 10 MB (--max-upload-mb) and 25 million pixels (--max-pixels) by default."""
+    from cgpn.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--index", "gallery.faiss"])
+    assert (args.max_upload_mb, args.max_pixels) == (10, 25_000_000)
+    assert (ServeSettings().max_upload_mb, ServeSettings().max_pixels) == (10, 25_000_000)
 
 
 # --- an unlucky user --------------------------------------------------------------------------------------

@@ -223,3 +223,60 @@ def test_a_video_cut_short_writes_nothing(seq: Path, tmp_path: Path, capsys: pyt
                           "--appearance", "histogram", "--out", str(out / "t.txt"), "--video", str(out / "v.gif")))
     assert "cut.mp4" in line or "frames" in line, line
     assert list(out.iterdir()) == []
+
+
+def test_colour_histograms_by_hand():
+    """Upper and lower half each one HSV bin (8 x 4 x 4 bins; PIL's hue of red 0, green 85, blue 170 of 255:
+    bins 15, 47 and 95), square-rooted and scaled to a unit row; BGR frames read as such; boxes clipped."""
+    from cgpn.track.appearance import ColorHistogramEmbedder
+
+    red, green, blue = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    image = np.zeros((8, 6, 3), np.uint8)
+    image[:4, :4], image[4:, :4], image[:, 4:] = red, blue, green
+    expected = np.zeros((2, 256), np.float32)
+    expected[0, [15, 128 + 95]] = 0.5 ** 0.5  # red over blue
+    expected[1, [47, 128 + 47]] = 0.5 ** 0.5  # green throughout
+    rgb = ColorHistogramEmbedder(bgr=False)
+    np.testing.assert_allclose(rgb(image, np.array([[0, 0, 4, 8], [4, 0, 6, 8]])), expected, atol=1e-6)
+    np.testing.assert_allclose(rgb(image, np.array([[-5, -3, 4, 20]])), expected[:1], atol=1e-6)  # clipped
+    swapped = ColorHistogramEmbedder()(image[..., ::-1].copy(), np.array([[0, 0, 4, 8]]))  # BGR, the default
+    np.testing.assert_allclose(swapped, expected[:1], atol=1e-6)
+    assert rgb(image, np.zeros((0, 4))).shape == (0, 256)
+
+
+def test_cli_histogram_appearance_draws_a_gif(seq: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    """README: `--appearance histogram` tracks with colour histograms of the RGB frames (the tracks equal
+    DeepSORT's over ColorHistogramEmbedder in Python) and `--video out.gif` draws every frame."""
+    from cgpn.track.appearance import ColorHistogramEmbedder
+
+    out, gif = tmp_path / "tracks.txt", tmp_path / "tracks.gif"
+    run = cli(capsys, "track", "--frames", str(seq / "img1"), "--detections", str(seq / "det.txt"),
+              "--appearance", "histogram", "--out", str(out), "--video", str(gif))
+    assert run.returncode == 0, run.stderr
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((seq / "img1").glob("*.jpg"))]
+    tracker = DeepSortTracker(ColorHistogramEmbedder(bgr=False), TrackerSettings())
+    expected = _tracks(track_frames(frames, read_mot(seq / "det.txt", "detections"), tracker))
+    got = read_mot(out, "tracks")
+    assert len(got) and np.array_equal(got.ids, expected.ids) and np.allclose(got.ltwh, expected.ltwh, atol=0.01)
+    with Image.open(gif) as drawn:
+        assert drawn.n_frames == SPEC.frames and drawn.size == (SPEC.width, SPEC.height)
+
+
+def test_tracker_settings_are_deep_sort_realtimes_and_the_flags_reach_it():
+    """README: DeepSORT's settings are cgpn track flags of the same names, with deep-sort-realtime's defaults."""
+    import inspect
+
+    from deep_sort_realtime.deepsort_tracker import DeepSort
+
+    from cgpn.cli import _tracker_settings, build_parser
+
+    theirs = inspect.signature(DeepSort.__init__).parameters
+    ours = TrackerSettings()
+    assert {f.name: getattr(ours, f.name) for f in dataclasses.fields(ours)} == \
+        {f.name: theirs[f.name].default for f in dataclasses.fields(ours)}
+    args = build_parser().parse_args(["track", "--frames", "f", "--detections", "d.txt", "--out", "t.txt",
+                                      "--max-age", "7", "--n-init", "5", "--max-iou-distance", "0.5",
+                                      "--max-cosine-distance", "0.3", "--nn-budget", "10"])
+    inner = DeepSortTracker(None, _tracker_settings(args))._deepsort.tracker
+    assert (inner.max_age, inner.n_init, inner.max_iou_distance) == (7, 5, 0.5)
+    assert (inner.metric.matching_threshold, inner.metric.budget) == (0.3, 10)

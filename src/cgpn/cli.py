@@ -616,8 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-pass", choices=list(FIRST_PASSES), default=defaults.first_pass,
                    help="flat: find each query's top k from int8 (or bf16) scores with a proven error bound, then "
                    "score those rows in fp32 (the same results; a quarter (half) of the memory read, 1 (2) bytes per "
-                   "value more memory); auto: int8 on CPUs with VNNI / AMX, else bf16 for up to 8 queries on CPUs "
-                   "with native bf16 and up to 2 elsewhere, for galleries of 16M+ values")
+                   "value more memory); auto: int8 on CPUs with VNNI / AMX, else bf16 on CPUs with native bf16 (for "
+                   "1-2 queries where it is emulated), for galleries of 16M+ values; cgpn serve times them and "
+                   "takes the fastest per batch size")
     p.add_argument("--checkpoint", help="record this checkpoint for search (default: the one in the features file)")
     p.set_defaults(func=cmd_index_build)
 

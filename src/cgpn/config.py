@@ -65,9 +65,9 @@ class LossConfig:
     label_smoothing: float = 0.0  # SPEC 6: plain cross-entropy
     mse_reduction: str = "mean"  # mean (nn.MSELoss) | sum (eq. 3 as written, per sample) (SPEC 5)
     mse_detach_target: bool = True  # f_gl are targets only (SPEC 5)
-    ce_weight: float = 1.0
-    triplet_weight: float = 1.0
-    mse_weight: float = 1.0
+    ce_weight: float = 1.0  # eq. 4: L_softmax, weight 1
+    triplet_weight: float = 1.0  # eq. 4: L_triplet, weight 1
+    mse_weight: float = 1.0  # eq. 4: L_mse, weight 1
 
 
 @dataclass
@@ -76,7 +76,7 @@ class DataConfig:
 
     dataset: str = "market1501"  # market1501 | dukemtmc | cuhk03 | msmt17 | folder | synthetic; a+b joins train sets
     root: str = "data"  # folder that holds the data set(s)
-    height: int = 384
+    height: int = 384  # Section 4.2: images resized to 384 x 128
     width: int = 128
     batch_size: int = 64  # P x K (paper: 8 x 8)
     num_instances: int = 8  # K images per identity
@@ -86,7 +86,7 @@ class DataConfig:
     random_erasing: float = 0.0  # probability; off in the paper recipe (SPEC 9)
     pad: int = 0  # pixels of padding before a random crop back to size; 0 = off
     color_jitter: bool = False  # brightness 0.2, contrast 0.15, saturation 0.1 (off in the paper recipe)
-    test_batch_size: int = 128
+    test_batch_size: int = 128  # images per batch when extracting features (not in the paper)
     on_bad_image: str = "skip"  # a corrupt training image: skip (use another of that id, count it) | stop; eval always stops
     verify_counts: str = "warn"  # a copy whose sizes differ from the official release: warn | error | ignore
     cuhk03_labeled: bool = True  # CUHK03 boxes: labeled (the paper) or detected (false)
@@ -108,13 +108,13 @@ class SolverConfig:
     """Section 4.2: SGD, momentum 0.9, weight decay 5e-4, lr 1e-2 decayed x0.1 at epochs 60 and 80, 240 epochs."""
 
     optimizer: str = "sgd"  # sgd | adam
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    milestones: list[int] = field(default_factory=lambda: [60, 80])
-    gamma: float = 0.1
-    epochs: int = 240
+    lr: float = 0.01  # Section 4.2: 1e-2
+    momentum: float = 0.9  # Section 4.2
+    weight_decay: float = 5e-4  # Section 4.2
+    nesterov: bool = False  # plain SGD (Section 4.2 names no Nesterov momentum)
+    milestones: list[int] = field(default_factory=lambda: [60, 80])  # Section 4.2: lr 1e-3 at 60, 1e-4 at 80
+    gamma: float = 0.1  # the decay at each milestone (Section 4.2)
+    epochs: int = 240  # Section 4.2; what an epoch is: data.epoch_mode (SPEC 7)
     warmup_epochs: int = 0  # linear warm-up; 0 in the paper (SPEC 9)
 
 
@@ -124,7 +124,7 @@ class TestConfig:
 
     flip: bool = True  # average features of the image and its mirror (Section 4.2)
     distance: str = "cosine"  # cosine (L2-normalised Euclidean, SPEC 8) | euclidean (raw)
-    max_rank: int = 50
+    max_rank: int = 50  # CMC ranks reported (Rank-1 is the paper's; 50 as the peers)
     ap_mode: str = "standard"  # standard (non-interpolated AP, SPEC) | market (official Market-1501 trapezoid AP)
     memory_mb: float = 512  # working memory of the blockwise ranking / re-ranking (beyond features and output)
     rerank: bool = False  # k-reciprocal re-ranking (Zhong et al. 2017); off in the paper
@@ -143,7 +143,7 @@ class EngineConfig:
     """
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N; under torchrun auto/cuda = the process's LOCAL_RANK GPU
-    seed: int = 0
+    seed: int = 0  # every random number of a run (weights, batches, flips); not the paper's: it names none
     deterministic: bool = False  # deterministic kernels; on the CPU a resumed run ends bit-identical
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16: GPUs only, with a GradScaler); see above
     channels_last: bool = True  # NHWC memory format (faster convolutions on GPUs and on the CPU)
