@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -199,3 +200,28 @@ def test_cli_writes_the_preset_with_overrides(tmp_path: Path, capsys: pytest.Cap
     spec = SyntheticVideoSpec(**json.loads((tmp_path / "s" / MARKER).read_text())["spec"])
     assert spec == dataclasses.replace(TINY, frames=4, people=2)
     assert "unknown preset" in error_line(cli(capsys, "synth-video", "--out", str(tmp_path / "x"), "--preset", "big"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_people_stop_behind_pillars_longer_than_deepsort_keeps_a_track(tmp_path: Path, seed: int):
+    """README: at the default frame rate, people stop behind a pillar for longer than DeepSORT's default
+    max_age bridges (a gap in gt.txt longer than max_age frames, the box before and after at the same place,
+    away from the frame's edges), and leave the frame and come back (a gap from an edge to an edge)."""
+    from cgpn.config import TrackerSettings
+
+    spec = dataclasses.replace(TINY, fps=SyntheticVideoSpec().fps, frames=12 * SyntheticVideoSpec().fps, seed=seed)
+    generate_synthetic_video(tmp_path / "s", spec, progress=False)
+    gt = _load(tmp_path / "s" / "gt.txt")
+    max_age = TrackerSettings().max_age
+    hidden_in_place = reentries = 0
+    for pid in np.unique(gt[:, 1]):
+        rows = gt[gt[:, 1] == pid]
+        rows = rows[np.argsort(rows[:, 0])]
+        for before, after in itertools.pairwise(rows):
+            if after[0] - before[0] - 1 <= max_age:
+                continue
+            at_edge = [box[2] <= 2 or box[2] + box[4] >= spec.width for box in (before, after)]
+            moved = abs((before[2] + before[4] / 2) - (after[2] + after[4] / 2))
+            hidden_in_place += not any(at_edge) and moved <= 1.5 * max(before[4], after[4])
+            reentries += all(at_edge)
+    assert hidden_in_place >= 1 and reentries >= 1
