@@ -275,3 +275,18 @@ def test_two_processes_resume_from_rank_0s_checkpoint(tiny_synth: Path, tmp_path
     assert all(torch.equal(r0[k], r1[k]) for k in r0), "ranks drifted apart"
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
     assert sum(not torch.equal(epoch1[k], r0[k]) for k in r0) > 0.9 * len(r0)
+
+
+def test_the_readmes_torchrun_command_trains_and_reports_once(tiny_synth: Path, tmp_path: Path) -> None:
+    """README: `torchrun --nproc_per_node N -m cgpn train ...`, here with 2 CPU processes: one report (rank 0's),
+    half the single-process steps per epoch, one run folder; the checkpoint's weights are those rank 0 saved."""
+    run = tmp_path / "run"
+    overrides = tiny_overrides(tiny_synth, run, **{"solver.epochs": 1, "engine.eval_at_start": "false"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           *train_cmd(overrides)[1:]]
+    done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained (epoch 1)") == 1 and done.stdout.count("checkpoint: ") == 1, done.stdout
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["step"] == 3  # 6 single-process batches per epoch, split over 2 ranks
+    assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "last.pt"]
