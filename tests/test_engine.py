@@ -8,6 +8,7 @@ import shutil
 from collections import namedtuple
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -120,11 +121,31 @@ def test_csv_and_tensorboard_scalars(tiny_run) -> None:
         assert tb == [(s, pytest.approx(v, rel=1e-6)) for s, _, v in series[tag]]
 
 
-def test_show_curves_draws_png(tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_show_curves_draws_png(tiny_run, tmp_path: Path, capsys: pytest.CaptureFixture,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: `cgpn show --curves RUN` draws loss, lr, speed and Rank-1 / mAP: each panel's lines are the
+    series of metrics.csv (read here with the csv module), evaluations in percent."""
+    from matplotlib.figure import Figure
+
+    drawn = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), savefig(fig, *a, **k))[1])
     out = tmp_path / "curves.png"
     assert main(["show", "--curves", str(tiny_run.out), "--out", str(out)]) == 0
     with Image.open(out) as img:
         assert img.format == "PNG" and img.width > 1000
+    (fig,) = drawn
+    assert [ax.get_title() for ax in fig.axes] == ["loss terms", "learning rate", "images / s", "evaluation (%)"]
+    series = _csv(tiny_run.out)
+    expected = [{t.split("/")[1]: series[t] for t in ("train/ce", "train/triplet", "train/mse", "train/total")},
+                {"lr": series["train/lr"]}, {"train": series["train/images_per_s"]},
+                {f"test {name}": [(s, e, 100 * v) for s, e, v in series[f"test/{tag}"]]
+                 for tag, name in (("rank1", "Rank-1"), ("mAP", "mAP"))}]
+    for ax, curves in zip(fig.axes, expected):
+        lines = {line.get_label(): line.get_xydata().tolist() for line in ax.get_lines()}
+        assert lines.keys() == curves.keys(), ax.get_title()
+        for name, points in curves.items():
+            np.testing.assert_allclose(lines[name], [(s, v) for s, _, v in points], rtol=1e-6, err_msg=name)
     assert main(["show", "--curves", str(tmp_path), "--out", str(out)]) == 2  # a folder without metrics.csv
     assert "metrics.csv" in capsys.readouterr().err
 
