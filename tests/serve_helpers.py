@@ -121,7 +121,7 @@ def serve_process(gallery: Gallery, *extra: str, timeout: float = 180) -> Iterat
             first = lines.get(timeout=timeout)
         except queue.Empty:
             pytest.fail(f"cgpn serve printed no URL in {timeout} s")
-        match = re.search(r"at (http://127\.0\.0\.1:\d+) ", first)
+        match = re.search(r"at (http://(?:127\.0\.0\.1|\[::1\]):\d+) ", first)
         assert match, (first, proc.poll())
         yield match.group(1)
     finally:

@@ -531,6 +531,18 @@ def test_cgpn_serve_answers_on_a_free_loopback_port_and_stops_on_ctrl_c(gallery:
         assert set(body) == {"application/json", "multipart/form-data"}
 
 
+def test_cgpn_serve_on_an_ipv6_host_prints_a_url_that_answers(gallery: Gallery) -> None:
+    """README: --host picks the address; an IPv6 one is printed in brackets (http://[::1]:PORT), as URLs need."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    with serve_process(gallery, "--host", "::1") as url:
+        assert url.startswith("http://[::1]:")
+        assert httpx.get(f"{url}/api/health", timeout=30).json()["gallery_size"] == len(list(gallery.images.glob("*.jpg")))
+
+
 def test_serve_hands_the_gil_over_often_and_freezes_what_the_start_made(monkeypatch: pytest.MonkeyPatch) -> None:
     """While uvicorn runs, a thread holding the GIL gives it up after SWITCH_INTERVAL (0.2 ms, not Python's 5 ms:
     the event loop waits less for the search thread) and the objects made before are out of the garbage
