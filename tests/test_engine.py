@@ -319,8 +319,9 @@ def test_precision_auto_follows_the_cpu_flags() -> None:
 @pytest.mark.parametrize("native", [True, False])
 def test_precision_auto_on_each_kind_of_cpu(native: bool, monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:
-    """README: auto trains in bf16 autocast where the CPU has native bf16 (AVX512-BF16 / AMX) and in fp32 where
-    it does not (AVX2 only); fp16 is refused on the CPU, and bf16 asked for without native units is warned of."""
+    """README: engine.precision=auto resolves to bf16 autocast where the CPU has native bf16 (AVX512-BF16 / AMX)
+    and to fp32 where it does not (AVX2 only), whatever this machine is (the CPU probe is replaced); fp16 is
+    refused on the CPU, and bf16 asked for without native units is warned of."""
     import cgpn.engine.precision as precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)

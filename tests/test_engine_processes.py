@@ -210,7 +210,7 @@ def test_two_gloo_processes_train_in_sync(tiny_synth: Path, tmp_path: Path) -> N
 
     run = tmp_path / "run"
     overrides = tiny_overrides(tiny_synth, run, **{"solver.epochs": 1, "engine.triplet_scope": "global",
-                                                  "engine.tensorboard": "true"})
+                                                  "engine.tensorboard": "true", "engine.device": "cpu"})
     mp.start_processes(_ddp_worker, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2,
                        start_method="spawn")
     p0, p1 = torch.load(tmp_path / "params0.pt"), torch.load(tmp_path / "params1.pt")
@@ -268,7 +268,7 @@ def test_two_processes_resume_from_rank_0s_checkpoint(tiny_synth: Path, tmp_path
     run = tmp_path / "run"
     train(load_config(None, tiny_overrides(tiny_synth, run, **{"solver.epochs": 1})))
     epoch1 = torch.load(run / "last.pt", weights_only=True)["model"]
-    overrides = tiny_overrides(tiny_synth, run, **{"solver.epochs": 2})
+    overrides = tiny_overrides(tiny_synth, run, **{"solver.epochs": 2, "engine.device": "cpu"})
     mp.start_processes(_ddp_resume_worker, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2,
                        start_method="spawn")
     r0, r1 = torch.load(tmp_path / "resumed0.pt"), torch.load(tmp_path / "resumed1.pt")
@@ -279,9 +279,10 @@ def test_two_processes_resume_from_rank_0s_checkpoint(tiny_synth: Path, tmp_path
 
 def test_the_readmes_torchrun_command_trains_and_reports_once(tiny_synth: Path, tmp_path: Path) -> None:
     """README: `torchrun --nproc_per_node N -m cgpn train ...`, here with 2 CPU processes: one report (rank 0's),
-    half the single-process steps per epoch, one run folder; the checkpoint's weights are those rank 0 saved."""
+    half the single-process steps per epoch, one run folder."""
     run = tmp_path / "run"
-    overrides = tiny_overrides(tiny_synth, run, **{"solver.epochs": 1, "engine.eval_at_start": "false"})
+    overrides = tiny_overrides(tiny_synth, run, **{"solver.epochs": 1, "engine.eval_at_start": "false",
+                                                  "engine.device": "cpu"})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            *train_cmd(overrides)[1:]]
     done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)

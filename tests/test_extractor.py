@@ -76,7 +76,9 @@ def test_flip_averaging_matches_a_manual_average(checkpoint: Path, eager: Featur
     assert (flipped - plain).abs().max() > 1e-3  # the mirror does change the feature
 
 
-@pytest.mark.parametrize("backend", ["onnx", "channels_last", "bf16", pytest.param("compile", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", ["onnx", "channels_last", "bf16", pytest.param("compile", marks=[
+    pytest.mark.slow, pytest.mark.skipif(not shutil.which("g++") and not shutil.which("cc"),
+                                         reason="torch.compile on the CPU needs a C++ compiler")])])
 def test_fast_backends_agree_with_eager_fp32(checkpoint: Path, eager: FeatureExtractor, images: list[Path],
                                              backend: str) -> None:
     fast = FeatureExtractor(checkpoint, device="cpu", backend=backend)(images)

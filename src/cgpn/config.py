@@ -124,7 +124,7 @@ class TestConfig:
 
     flip: bool = True  # average features of the image and its mirror (Section 4.2)
     distance: str = "cosine"  # cosine (L2-normalised Euclidean, SPEC 8) | euclidean (raw)
-    max_rank: int = 50  # CMC ranks reported (Rank-1 is the paper's; 50 as the peers)
+    max_rank: int = 50  # length of the CMC curve (the paper reports Rank-1; 50 as fast-reid and torchreid)
     ap_mode: str = "standard"  # standard (non-interpolated AP, SPEC) | market (official Market-1501 trapezoid AP)
     memory_mb: float = 512  # working memory of the blockwise ranking / re-ranking (beyond features and output)
     rerank: bool = False  # k-reciprocal re-ranking (Zhong et al. 2017); off in the paper
