@@ -147,3 +147,20 @@ def test_synth_replaces_its_own_folder_whole(tmp_path):
     assert counts == {"bounding_box_train": 2 * 4, "query": 3 * 2, "bounding_box_test": 3 * 2}
     assert {k: len(list((out / k).iterdir())) for k in counts} == counts
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+def test_synth_occlusion_is_the_share_of_images_with_an_occluder(tmp_path, monkeypatch, share):
+    """README: `cgpn synth --occlusion 0.3`: each image gets an occluder with that probability: of 700 images,
+    none at 0, all at 1, and at 0.3 within 4 binomial standard deviations of 210 (sqrt(700 x 0.3 x 0.7) = 12.1)."""
+    import cgpn.data.datasets.synthetic as synthetic
+    from cgpn.cli import main
+
+    painted = []
+    occlude = synthetic._occlude
+    monkeypatch.setattr(synthetic, "_occlude", lambda img, *a: (painted.append(img.shape), occlude(img, *a))[1])
+    assert main(["-q", "synth", "--out", str(tmp_path / "s"), "--train-ids", "60", "--test-ids", "10",
+                 "--images-per-id", "10", "--height", "16", "--width", "8", "--occlusion", str(share)]) == 0
+    images = len(list((tmp_path / "s").rglob("*.jpg")))
+    assert images == 700 and all(shape[:2] == (16, 8) for shape in painted)
+    assert abs(len(painted) - share * images) <= 4 * (images * share * (1 - share)) ** 0.5

@@ -263,17 +263,24 @@ def _render(ident: _Identity, cam: dict[str, object], spec: SyntheticSpec, rng: 
 
     # The paper's problem: occluders and truncated boxes.
     if rng.random() < spec.occlusion:
-        oh = rng.uniform(0.25, 0.5) * ph
-        oy = rng.choice([top + ph - oh + rng.uniform(0, 0.1) * ph, rng.uniform(top, top + ph - oh)])
-        ox, ow = rng.uniform(-0.2 * w, 0.5 * w), rng.uniform(0.5, 1.0) * w
-        occ = (yy >= oy) & (yy < oy + oh) & (xx >= ox) & (xx < ox + ow)
-        img[occ] = PALETTE[rng.integers(len(PALETTE))] * 0.8 + rng.normal(0, 12, size=(int(occ.sum()), 1))
+        _occlude(img, yy, xx, top, ph, rng)
     if rng.random() < spec.truncation:
         keep = rng.uniform(0.55, 0.8)
         rows = slice(0, int(h * keep)) if rng.random() < 0.7 else slice(int(h * (1 - keep)), h)
         img = np.asarray(Image.fromarray(img[rows].clip(0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR),
                          dtype=np.float32)
     return apply_camera(img, cam, rng.uniform(-15, 15), rng)
+
+
+def _occlude(img: np.ndarray, yy: np.ndarray, xx: np.ndarray, top: float, ph: float, rng: np.random.Generator) -> None:
+    """Paint an occluder (a noisy block of one colour) over a quarter to a half of the body's height, in place:
+    over the legs or anywhere along the body (the person spans ``top`` to ``top + ph``)."""
+    w = img.shape[1]
+    oh = rng.uniform(0.25, 0.5) * ph
+    oy = rng.choice([top + ph - oh + rng.uniform(0, 0.1) * ph, rng.uniform(top, top + ph - oh)])
+    ox, ow = rng.uniform(-0.2 * w, 0.5 * w), rng.uniform(0.5, 1.0) * w
+    occ = (yy >= oy) & (yy < oy + oh) & (xx >= ox) & (xx < ox + ow)
+    img[occ] = PALETTE[rng.integers(len(PALETTE))] * 0.8 + rng.normal(0, 12, size=(int(occ.sum()), 1))
 
 
 def _cross_camera_gallery(query: np.ndarray, gallery: np.ndarray, cameras: int) -> np.ndarray:
