@@ -121,7 +121,9 @@ def test_eta_from_finished_runs_else_from_a_probe(finished, grid_file):
 
 def test_the_probe_and_the_machine_line_have_the_runs_threads(finished, monkeypatch):
     """A grid with ``engine.threads=1`` in a process of 2 threads: its ETA probe trains on 1 thread (and puts
-    the 2 back), and its machine line, which records and the ETA's report carry, says 1."""
+    the 2 back) in the run's memory format, and its machine line, which records and the ETA's report carry,
+    says 1."""
+    import cgpn.engine.checkpoint
     import cgpn.losses
 
     grid, out, _records = finished
@@ -135,11 +137,26 @@ def test_the_probe_and_the_machine_line_have_the_runs_threads(finished, monkeypa
             return super().forward(*args, **kwargs)
 
     monkeypatch.setattr(cgpn.losses, "CGPNLoss", Spy)
+    formats = []
+    build = cgpn.engine.checkpoint.build_model_from_config
+
+    def spied_build(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda module, inputs: formats.append(
+            (inputs[0].is_contiguous(memory_format=torch.channels_last), inputs[0].is_contiguous())))
+        return model
+
+    monkeypatch.setattr(cgpn.engine.checkpoint, "build_model_from_config", spied_build)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         study._step_seconds(cfg, steps=1)
         assert seen == [1, 1] and torch.get_num_threads() == 2
+        assert cfg.engine.channels_last and formats == [(True, False)] * 2  # the trainer's NHWC batches
+        cfg.engine.channels_last = False
+        formats.clear()
+        study._step_seconds(cfg, steps=1)
+        assert formats == [(False, True)] * 2
         assert ", 1 torch thread, " in study._machine(cfg)
         assert ", 2 torch threads, " in machine_description("cpu", 2)
     finally:

@@ -216,7 +216,8 @@ def read_record(grid: Grid, row: str, seed: int, out: Path) -> RunRecord | None:
 
 def _step_seconds(cfg: Config, steps: int = 3) -> float:
     """Seconds of one training step of ``cfg``'s network on a random batch (after one untimed step), with
-    the torch threads the run will have (``engine.threads``)."""
+    the torch threads, precision and memory format the run will have (``engine.threads``, ``precision``,
+    ``channels_last``), so that it times the step the run will take."""
     from cgpn.engine.checkpoint import build_model_from_config
     from cgpn.engine.inference import resolve_device
     from cgpn.engine.precision import resolve_precision
@@ -227,9 +228,10 @@ def _step_seconds(cfg: Config, steps: int = 3) -> float:
     precision = resolve_precision(cfg.engine.precision, device)
     d = cfg.data
     model = build_model_from_config(cfg, num_classes=max(2, d.batch_size // d.num_instances), pretrained=False)
-    model = model.to(device).train()
+    memory_format = torch.channels_last if cfg.engine.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format).train()
     optimizer, criterion = build_optimizer(model, cfg), CGPNLoss(cfg.loss)
-    images = torch.randn(d.batch_size, 3, d.height, d.width, device=device)
+    images = torch.randn(d.batch_size, 3, d.height, d.width, device=device).to(memory_format=memory_format)
     pids = torch.arange(d.batch_size, device=device) // d.num_instances
     timings, threads = [], torch.get_num_threads()
     if cfg.engine.threads > 0:
