@@ -163,6 +163,33 @@ def test_the_probe_and_the_machine_line_have_the_runs_threads(finished, monkeypa
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("load, warned", [(0.2, False), (1.4, False), (1.6, True), (2.9, True)])
+def test_a_busy_cpu_is_named_before_the_eta_is_trusted(finished, monkeypatch, load, warned):
+    """On 2 cores a run of 1 thread still has a core to itself up to a load average of about 1 (1.5 with
+    the margin); above that, the ETA's line is followed by a note naming the load (read before the probes
+    add their own)."""
+    grid, out, _records = finished
+    assert grid.config("mgn", 0, out).engine.threads == 1
+    monkeypatch.setattr(study, "_device", lambda: "cpu")
+    monkeypatch.setattr(study.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(study.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(study, "_step_seconds", lambda cfg, steps=3: 0.5)
+    lines = []
+    study.run_study(grid, out / "elsewhere", dry_run=True, report=lines.append)
+    assert lines[0].startswith("study: 2 settings x 2 seeds = 4 runs, 0 finished; ETA ")
+    if warned:
+        assert lines[1] == (f"note: load average {load:.1f} on 2 cores before the study starts: other work shares "
+                            "the 1 the runs train on, so the timed steps, this ETA and the runs are slower than on "
+                            "a quiet machine")
+    else:
+        assert lines == lines[:1]
+    two_threads = grid.config("mgn", 0, out)
+    two_threads.engine.threads = 2
+    assert bool(study._busy_cpu_note(two_threads)) == (load > 0.5)  # 2 threads need both cores free
+    monkeypatch.setattr(study, "_device", lambda: "cuda")
+    assert study._busy_cpu_note(grid.config("mgn", 0, out)) == ""  # a GPU run does not share the CPU's cores
+
+
 def test_grid_mistakes_are_one_line(grid_file, tmp_path, capsys):
     with pytest.raises(ConfigError, match="has no row 'cgpn9'"):
         study.load_grid(grid_file, rows=["cgpn9"])

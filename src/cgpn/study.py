@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -151,6 +152,19 @@ def _device() -> str:
 def _machine(cfg: Config) -> str:
     """The machine line of a run of ``cfg``: this device, with the torch threads the run trains with."""
     return machine_description(_device(), cfg.engine.threads or None)
+
+
+def _busy_cpu_note(cfg: Config) -> str:
+    """A line when other work holds the cores a CPU run needs (load average over cores less its threads):
+    the ETA's timed steps and the runs themselves then take longer than on a quiet machine."""
+    if _device() != "cpu" or not hasattr(os, "getloadavg"):
+        return ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads, load = min(cfg.engine.threads or torch.get_num_threads(), cores), os.getloadavg()[0]
+    if load <= cores - threads + 0.5:
+        return ""
+    return (f"note: load average {load:.1f} on {cores} cores before the study starts: other work shares the "
+            f"{threads} the runs train on, so the timed steps, this ETA and the runs are slower than on a quiet machine")
 
 
 def _same_machine(a: str, b: str) -> bool:
@@ -314,10 +328,13 @@ def run_study(grid: Grid, out: str | Path, dry_run: bool = False, runs_from: str
     finished = {(r.row, r.seed) for r in done}
     todo = [key for key in plan if key not in finished]
     timed = done + _other_seeds_finished(grid, out, plan)  # a row's time does not depend on its seed
+    busy = _busy_cpu_note(grid.config(*plan[0], out)) if todo else ""  # read before the probes load the CPU
     estimates = estimate_seconds(grid, todo, timed, out) if todo else {}
     report(f"study: {len(grid.rows)} settings x {len(grid.seeds)} seeds = {len(plan)} runs, {len(done)} finished; "
            f"ETA {_duration(sum(estimates[r] for r, _ in todo))} on {_machine(grid.config(*plan[0], out))} "
            f"({', '.join(f'{row} ~{_duration(s)}' for row, s in estimates.items()) or 'nothing to run'})")
+    if busy:
+        report(busy)
     if dry_run:
         if done:
             write_outputs(grid, done, out)
