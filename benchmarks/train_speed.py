@@ -33,6 +33,7 @@ from cgpn.data.datasets.synthetic import SyntheticSpec, generate_synthetic  # no
 from cgpn.data.loader import build_train_loader  # noqa: E402
 from cgpn.engine.inference import resolve_device  # noqa: E402
 from cgpn.engine.precision import Precision, machine_description, resolve_precision  # noqa: E402
+from cgpn.engine.trainer import memory_format  # noqa: E402
 from cgpn.losses import CGPNLoss  # noqa: E402
 from cgpn.model import build_model  # noqa: E402
 
@@ -45,7 +46,7 @@ def _sync(device: torch.device) -> None:
 def step_speed(kind: str, args: argparse.Namespace, device: torch.device, precision: Precision,
                channels_last: bool, compile_model: bool = False) -> float:
     """Images/s of ``args.steps`` timed iterations (after ``args.warmup``) of a CGPN or plain ResNet step."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = memory_format(channels_last)
     num_classes = 751  # Market-1501's training identities
     if kind == "cgpn":
         model = build_model("cgpn", num_classes, backbone=args.backbone, pretrained=False)

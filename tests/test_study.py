@@ -171,7 +171,7 @@ def test_a_busy_cpu_is_named_before_the_eta_is_trusted(finished, monkeypatch, lo
     grid, out, _records = finished
     assert grid.config("mgn", 0, out).engine.threads == 1
     monkeypatch.setattr(study, "_device", lambda: "cpu")
-    monkeypatch.setattr(study.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(study, "cpu_info", lambda: ("Some CPU", frozenset({"avx2"}), 2))
     monkeypatch.setattr(study.os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(study, "_step_seconds", lambda cfg, steps=3: 0.5)
     lines = []

@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from cgpn.config import Config, load_config
-from cgpn.engine.precision import machine_description
+from cgpn.engine.precision import cpu_info, machine_description
 from cgpn.errors import ConfigError, TrainingDivergedError
 from cgpn.files import atomic_path, reading
 
@@ -156,10 +156,11 @@ def _machine(cfg: Config) -> str:
 
 def _busy_cpu_note(cfg: Config) -> str:
     """A line when other work holds the cores a CPU run needs (load average over cores less its threads):
-    the ETA's timed steps and the runs themselves then take longer than on a quiet machine."""
+    the ETA's timed steps and the runs themselves then take longer than on a quiet machine. The load
+    average counts the whole system, so it is set against the system's cores (those of the machine line)."""
     if _device() != "cpu" or not hasattr(os, "getloadavg"):
         return ""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpu_info()[2] or os.cpu_count() or 1
     threads, load = min(cfg.engine.threads or torch.get_num_threads(), cores), os.getloadavg()[0]
     if load <= cores - threads + 0.5:
         return ""
@@ -235,17 +236,17 @@ def _step_seconds(cfg: Config, steps: int = 3) -> float:
     from cgpn.engine.checkpoint import build_model_from_config
     from cgpn.engine.inference import resolve_device
     from cgpn.engine.precision import resolve_precision
-    from cgpn.engine.trainer import build_optimizer
+    from cgpn.engine.trainer import build_optimizer, memory_format
     from cgpn.losses import CGPNLoss
 
     device = resolve_device(cfg.engine.device)
     precision = resolve_precision(cfg.engine.precision, device)
     d = cfg.data
     model = build_model_from_config(cfg, num_classes=max(2, d.batch_size // d.num_instances), pretrained=False)
-    memory_format = torch.channels_last if cfg.engine.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format).train()
+    layout = memory_format(cfg.engine.channels_last)
+    model = model.to(device, memory_format=layout).train()
     optimizer, criterion = build_optimizer(model, cfg), CGPNLoss(cfg.loss)
-    images = torch.randn(d.batch_size, 3, d.height, d.width, device=device).to(memory_format=memory_format)
+    images = torch.randn(d.batch_size, 3, d.height, d.width, device=device).to(memory_format=layout)
     pids = torch.arange(d.batch_size, device=device) // d.num_instances
     timings, threads = [], torch.get_num_threads()
     if cfg.engine.threads > 0:
@@ -328,10 +329,11 @@ def run_study(grid: Grid, out: str | Path, dry_run: bool = False, runs_from: str
     finished = {(r.row, r.seed) for r in done}
     todo = [key for key in plan if key not in finished]
     timed = done + _other_seeds_finished(grid, out, plan)  # a row's time does not depend on its seed
-    busy = _busy_cpu_note(grid.config(*plan[0], out)) if todo else ""  # read before the probes load the CPU
+    first = grid.config(*plan[0], out)
+    busy = _busy_cpu_note(first) if todo else ""  # read before the probes load the CPU
     estimates = estimate_seconds(grid, todo, timed, out) if todo else {}
     report(f"study: {len(grid.rows)} settings x {len(grid.seeds)} seeds = {len(plan)} runs, {len(done)} finished; "
-           f"ETA {_duration(sum(estimates[r] for r, _ in todo))} on {_machine(grid.config(*plan[0], out))} "
+           f"ETA {_duration(sum(estimates[r] for r, _ in todo))} on {_machine(first)} "
            f"({', '.join(f'{row} ~{_duration(s)}' for row, s in estimates.items()) or 'nothing to run'})")
     if busy:
         report(busy)

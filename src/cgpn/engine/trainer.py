@@ -131,6 +131,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout of the model's weights and batches: NHWC for ``engine.channels_last``, else NCHW."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class Trainer:
     """Runs ``max_epochs`` epochs of iterations over ``loader`` and calls ``hooks`` around them.
 
@@ -147,7 +152,7 @@ class Trainer:
         self.model, self.train_model, self.criterion = model, train_model, criterion
         self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
         self.device, self.precision, self.max_epochs, self.env = device, precision, max_epochs, env
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = memory_format(channels_last)
         self.scaler = precision.grad_scaler()
         self.extra_state, self.metrics = extra_state or {}, metrics
         self.hooks: list[HookBase] = []
@@ -462,7 +467,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None, finetune: str | None,
         save_config(cfg, out / "config.yaml")
     if e.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device, memory_format=torch.channels_last if e.channels_last else torch.contiguous_format)
+    model = model.to(device, memory_format=memory_format(e.channels_last))
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     train_model: nn.Module = model
