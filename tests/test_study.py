@@ -170,7 +170,6 @@ def test_a_busy_cpu_is_named_before_the_eta_is_trusted(finished, monkeypatch, lo
     add their own)."""
     grid, out, _records = finished
     assert grid.config("mgn", 0, out).engine.threads == 1
-    monkeypatch.setattr(study, "_device", lambda: "cpu")
     monkeypatch.setattr(study, "cpu_info", lambda: ("Some CPU", frozenset({"avx2"}), 2))
     monkeypatch.setattr(study.os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(study, "_step_seconds", lambda cfg, steps=3: 0.5)
@@ -186,8 +185,15 @@ def test_a_busy_cpu_is_named_before_the_eta_is_trusted(finished, monkeypatch, lo
     two_threads = grid.config("mgn", 0, out)
     two_threads.engine.threads = 2
     assert bool(study._busy_cpu_note(two_threads)) == (load > 0.5)  # 2 threads need both cores free
-    monkeypatch.setattr(study, "_device", lambda: "cuda")
-    assert study._busy_cpu_note(grid.config("mgn", 0, out)) == ""  # a GPU run does not share the CPU's cores
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine from here on
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    on_gpu = grid.config("mgn", 0, out)
+    on_gpu.engine.device = "auto"
+    assert study._busy_cpu_note(on_gpu) == ""  # a GPU run does not share the CPU's cores
+    on_cpu = grid.config("mgn", 0, out)
+    on_cpu.engine.device = "cpu"  # a grid kept on the CPU of a GPU machine shares its cores all the same
+    assert bool(study._busy_cpu_note(on_cpu)) == warned
+    assert study._machine(on_cpu) == machine_description("cpu", 1)  # the CPU's line, not the GPU's
 
 
 def test_grid_mistakes_are_one_line(grid_file, tmp_path, capsys):

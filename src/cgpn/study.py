@@ -145,20 +145,23 @@ class RunRecord:
                    diverged=why)
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _device(cfg: Config) -> torch.device:
+    """The device a run of ``cfg`` trains on (``engine.device``: a grid set to ``cpu`` stays there on a GPU machine)."""
+    from cgpn.engine.inference import resolve_device
+
+    return resolve_device(cfg.engine.device)
 
 
 def _machine(cfg: Config) -> str:
-    """The machine line of a run of ``cfg``: this device, with the torch threads the run trains with."""
-    return machine_description(_device(), cfg.engine.threads or None)
+    """The machine line of a run of ``cfg``: its device, with the torch threads the run trains with."""
+    return machine_description(_device(cfg), cfg.engine.threads or None)
 
 
 def _busy_cpu_note(cfg: Config) -> str:
     """A line when other work holds the cores a CPU run needs (load average over cores less its threads):
     the ETA's timed steps and the runs themselves then take longer than on a quiet machine. The load
     average counts the whole system, so it is set against the system's cores (those of the machine line)."""
-    if _device() != "cpu" or not hasattr(os, "getloadavg"):
+    if _device(cfg).type != "cpu" or not hasattr(os, "getloadavg"):
         return ""
     cores = cpu_info()[2] or os.cpu_count() or 1
     threads, load = min(cfg.engine.threads or torch.get_num_threads(), cores), os.getloadavg()[0]
