@@ -73,6 +73,31 @@ def test_table_and_csv_hold_means_and_sample_spreads(finished):
     assert (out / "occlusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_picture_has_a_line_per_row_at_its_means_in_a_look_of_its_own(finished, tmp_path, monkeypatch):
+    """Each row's Rank-1 line passes through its seeds' means (clean, then each hidden fraction), rows differ
+    in look (colour, marker, line style: tab10 alone has 10 colours and table2.yaml has 11 rows), and the one
+    legend sits beside the panels, not over their lines."""
+    from matplotlib.figure import Figure
+
+    grid, _out, records = finished
+    drawn, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k))[1])
+    study.plot_study(grid, records, tmp_path / "occlusion.png")
+    (fig,) = drawn
+    rank1 = fig.axes[0]
+    lines = {bars.get_label().split(" (n=")[0]: bars.lines[0] for bars in rank1.containers}  # errorbar's data lines
+    assert sorted(lines) == ["cgpn", "mgn"]
+    for row, line in lines.items():
+        mine = [r for r in records if r.row == row]
+        expected = [np.mean([100 * r.rank1 for r in mine])]
+        expected += [np.mean([100 * r.occluded[f"{rate:g}"][0] for r in mine]) for rate in grid.occlude]
+        assert np.allclose(line.get_ydata(), expected)
+    assert len({(line.get_color(), line.get_marker(), line.get_linestyle()) for line in lines.values()}) == 2
+    assert len(fig.legends) == 1 and rank1.get_legend() is None and fig.axes[1].get_legend() is None
+    for count in (1, 10, 11, 40, 41, 160):
+        assert len(set(study._line_styles(count))) == count
+
+
 def test_a_finished_grid_is_read_not_retrained(finished, monkeypatch):
     grid, out, records = finished
     calls = []

@@ -480,14 +480,28 @@ def read_runs_csv(path: str | Path, grid: Grid) -> list[RunRecord]:
     return records
 
 
+_MARKERS, _DASHES = "osD^vPX*", ("-", "--", ":", "-.")
+
+
+def _line_styles(count: int) -> list[tuple[str, str, str]]:
+    """``count`` (colour, marker, line style) looks, no two alike up to 160 rows: tab10's colours and eight
+    markers cycle together (distinct for 40 rows, lcm(10, 8)), the line style changes every 40."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    palette = [to_hex(c) for c in colormaps["tab10"].colors]
+    return [(palette[i % 10], _MARKERS[i % 8], _DASHES[i // 40 % 4]) for i in range(count)]
+
+
 def plot_study(grid: Grid, records: list[RunRecord], path: Path) -> Path:
-    """Rank-1 and mAP against the hidden fraction of the query, a line per setting (mean, ± std bars)."""
+    """Rank-1 and mAP against the hidden fraction of the query, a line per setting (mean, ± std bars), one
+    legend beside both panels. A row keeps its line style whichever other rows have runs."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
     rates = [0.0, *grid.occlude]
-    fig = Figure(figsize=(10, 4), dpi=110)
+    fig = Figure(figsize=(12, 4), dpi=110, layout="constrained")
     axes = fig.subplots(1, 2)
-    for row in grid.rows:
+    for row, (color, marker, dashes) in zip(grid.rows, _line_styles(len(grid.rows))):
         runs = [r for r in records if r.row == row and not r.diverged]
         if not runs:
             continue
@@ -495,14 +509,14 @@ def plot_study(grid: Grid, records: list[RunRecord], path: Path) -> Path:
             stats = [_mean_std([100 * (getattr(r, attr) if rate == 0 else r.occluded[f"{rate:g}"][index])
                                 for r in runs]) for rate in rates]
             ax.errorbar([100 * x for x in rates], [m for m, _ in stats], yerr=[s for _, s in stats],
-                        marker="o", capsize=3, label=f"{row} (n={len(runs)})")
+                        color=color, marker=marker, linestyle=dashes, capsize=3, label=f"{row} (n={len(runs)})")
     for ax, title in zip(axes, ("Rank-1 (%)", "mAP (%)")):
         ax.set_xlabel("query area hidden (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # no line where every run diverged
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # no line where every run diverged
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
     with atomic_path(path) as tmp:
         fig.savefig(tmp)
     return path
