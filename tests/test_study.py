@@ -195,6 +195,7 @@ def test_a_busy_cpu_is_named_before_the_eta_is_trusted(finished, monkeypatch, lo
     add their own)."""
     grid, out, _records = finished
     assert grid.config("mgn", 0, out).engine.threads == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine first (engine.device=auto)
     monkeypatch.setattr(study, "cpu_info", lambda: ("Some CPU", frozenset({"avx2"}), 2))
     monkeypatch.setattr(study.os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(study, "_step_seconds", lambda cfg, steps=3: 0.5)
