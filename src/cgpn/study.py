@@ -180,7 +180,6 @@ def run_one(grid: Grid, row: str, seed: int, out: Path) -> RunRecord:
     """Train (or resume) and evaluate one run; its ``study.json`` is written last, so a kill leaves it to redo."""
     from cgpn.data.datasets import dataset_from_config
     from cgpn.engine.checkpoint import load_model
-    from cgpn.engine.inference import resolve_device
     from cgpn.engine.robustness import evaluate_occlusion
     from cgpn.engine.trainer import train
 
@@ -195,7 +194,7 @@ def run_one(grid: Grid, row: str, seed: int, out: Path) -> RunRecord:
         return _saved(record, Path(cfg.output_dir))
     tested = result.best_checkpoint if result.split == "val" and result.best_checkpoint else result.checkpoint
     model, saved = load_model(tested)
-    device = resolve_device(saved.engine.device)
+    device = _device(saved)
     dataset = dataset_from_config(saved.data)
     with torch.inference_mode():
         results = evaluate_occlusion(model.to(device).eval(), dataset, saved, device, grid.occlude, "test")
@@ -237,12 +236,11 @@ def _step_seconds(cfg: Config, steps: int = 3) -> float:
     the torch threads, precision and memory format the run will have (``engine.threads``, ``precision``,
     ``channels_last``), so that it times the step the run will take."""
     from cgpn.engine.checkpoint import build_model_from_config
-    from cgpn.engine.inference import resolve_device
     from cgpn.engine.precision import resolve_precision
     from cgpn.engine.trainer import build_optimizer, memory_format
     from cgpn.losses import CGPNLoss
 
-    device = resolve_device(cfg.engine.device)
+    device = _device(cfg)
     precision = resolve_precision(cfg.engine.precision, device)
     d = cfg.data
     model = build_model_from_config(cfg, num_classes=max(2, d.batch_size // d.num_instances), pretrained=False)
