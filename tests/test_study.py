@@ -405,3 +405,18 @@ def test_runs_csv_written_before_the_diverged_column_still_reads(finished, tmp_p
     old = tmp_path / "old.csv"
     old.write_text("".join(",".join(f'"{v}"' if "," in v else v for v in r[:-1]) + "\n" for r in rows))
     _same_runs(study.read_runs_csv(old, grid), records)
+
+
+def test_the_larger_scale_grid_is_table2s_cgpn_and_mgn_at_256_by_128():
+    """configs/studies/table2_256.yaml changes one thing against table2.yaml: the input size (4x the pixels)."""
+    from pathlib import Path
+
+    studies = Path(__file__).resolve().parents[1] / "configs" / "studies"
+    small, large = study.load_grid(studies / "table2.yaml"), study.load_grid(studies / "table2_256.yaml")
+    assert list(large.rows) == ["cgpn", "mgn"] and (large.seeds, large.occlude) == (small.seeds, small.occlude)
+    for row in large.rows:
+        a = small.config(row, 0, Path("unused")).to_dict()
+        b = large.config(row, 0, Path("unused")).to_dict()
+        assert (b["data"]["height"], b["data"]["width"]) == (256, 128) == (2 * a["data"]["height"], 2 * a["data"]["width"])
+        a["data"].update(height=256, width=128)
+        assert a == b
