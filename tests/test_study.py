@@ -350,19 +350,21 @@ def test_runs_from_mistakes_are_one_line(finished, grid_file, tmp_path, capsys):
     assert "line 2 is not a run" in err and len(err.strip().splitlines()) == 1
 
 
-def test_the_projects_own_runs_csv_reads_back_into_the_table2_grid():
-    """docs/study_runs.csv (the study's finished runs, kept in the repository) is what --runs-from takes."""
+@pytest.mark.parametrize("grid_name, runs_name", [("table2", "study_runs"), ("table2_256", "study256_runs")])
+def test_the_projects_own_runs_csvs_read_back_into_their_grids(grid_name, runs_name):
+    """docs/study_runs.csv and docs/study256_runs.csv (the study's finished runs, kept in the repository) are
+    what --runs-from takes for their grids: every line a run of the grid, trained for its row's schedule."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    grid = study.load_grid(root / "configs" / "studies" / "table2.yaml")
-    records = study.read_runs_csv(root / "docs" / "study_runs.csv", grid)
-    lines = (root / "docs" / "study_runs.csv").read_text().splitlines()
-    assert len(records) == len(lines) - 1 >= 7  # every line is a run of the grid
+    grid = study.load_grid(root / "configs" / "studies" / f"{grid_name}.yaml")
+    records = study.read_runs_csv(root / "docs" / f"{runs_name}.csv", grid)
+    lines = (root / "docs" / f"{runs_name}.csv").read_text().splitlines()
+    assert len(records) == len(lines) - 1 >= 1  # every line is a run of the grid
     assert len({(r.row, r.seed) for r in records}) == len(records)
     finished = [r for r in records if not r.diverged]
     assert all(r.split == "val" and 0 < r.rank1 <= 1 and r.machine for r in finished)
-    # each run trained for its own row's schedule (cgpn_long: 48 epochs; the rest: the grid's 20)
+    # each run trained for its own row's schedule (table2's cgpn_long: 48 epochs; the rest: the grid's 20)
     assert all(r.epochs == grid.config(r.row, r.seed, Path("unused")).solver.epochs for r in finished)
     assert {r.epochs for r in finished if r.row == "cgpn_long"} <= {48}
     assert {r.epochs for r in finished if r.row != "cgpn_long"} == {20}
