@@ -350,17 +350,17 @@ def test_runs_from_mistakes_are_one_line(finished, grid_file, tmp_path, capsys):
     assert "line 2 is not a run" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("grid_name, runs_name", [("table2", "study_runs"), ("table2_256", "study256_runs")])
-def test_the_projects_own_runs_csvs_read_back_into_their_grids(grid_name, runs_name):
+@pytest.mark.parametrize("grid_name, runs_name, at_least", [("table2", "study_runs", 7), ("table2_256", "study256_runs", 3)])
+def test_the_projects_own_runs_csvs_read_back_into_their_grids(grid_name, runs_name, at_least):
     """docs/study_runs.csv and docs/study256_runs.csv (the study's finished runs, kept in the repository) are
     what --runs-from takes for their grids: every line a run of the grid, trained for its row's schedule."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     grid = study.load_grid(root / "configs" / "studies" / f"{grid_name}.yaml")
-    records = study.read_runs_csv(root / "docs" / f"{runs_name}.csv", grid)
-    lines = (root / "docs" / f"{runs_name}.csv").read_text().splitlines()
-    assert len(records) == len(lines) - 1 >= 1  # every line is a run of the grid
+    runs_file = root / "docs" / f"{runs_name}.csv"
+    records = study.read_runs_csv(runs_file, grid)
+    assert len(records) == len(runs_file.read_text().splitlines()) - 1 >= at_least  # every line is a run of the grid
     assert len({(r.row, r.seed) for r in records}) == len(records)
     finished = [r for r in records if not r.diverged]
     assert all(r.split == "val" and 0 < r.rank1 <= 1 and r.machine for r in finished)
